@@ -1,0 +1,1 @@
+"""The contract between our services: message models, codec, topology names, shared plumbing."""

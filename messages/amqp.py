@@ -1,0 +1,260 @@
+"""aio-pika at the edge: connect with retries, declare the topology, publish, dead-letter.
+
+Services hand this module decoded messages and get back nothing AMQP-shaped, so the
+orchestrator and participant runtimes read as what they do, not how the broker works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+    ExchangeType,
+)
+from yarl import URL
+
+from messages import topology
+from messages.codec import Wire, decode, encode
+from messages.errors import DecodeError, PublishFailedError, SagaError
+from messages.logs import saga_context
+from messages.models import AnyMessage, Envelope
+from messages.settings import BrokerSettings
+
+log = logging.getLogger(__name__)
+
+# What a lost connection or channel looks like from aio-pika: the broker's trouble, not ours.
+BROKER_ERRORS = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+class Rejected(SagaError):
+    """Raised by a message handler when a well-formed message does not belong here.
+
+    The delivery is dead-lettered with ``reason`` and ``detail`` in its headers.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, fit for a log line."""
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else url
+
+
+async def connect(settings: BrokerSettings, name: str) -> AbstractRobustConnection:
+    """Connect to the broker, retrying with a clear log line until it answers.
+
+    The connection is robust: after a broker restart aio-pika reconnects and restores
+    channels, exchanges, queues and consumers on its own.
+    """
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await aio_pika.connect_robust(
+                settings.amqp_url, client_properties={"connection_name": name}
+            )
+        except (TimeoutError, aiormq.exceptions.AMQPConnectionError, OSError) as exc:
+            log.warning(
+                "cannot reach RabbitMQ at %s (attempt %d): %s; retrying in %.1fs",
+                redact(settings.amqp_url),
+                attempt,
+                exc or type(exc).__name__,
+                settings.connect_retry_s,
+            )
+            await asyncio.sleep(settings.connect_retry_s)
+
+
+@dataclass
+class Exchanges:
+    """The exchanges a service publishes to, declared on one channel with confirms."""
+
+    requests: AbstractExchange
+    commands: AbstractExchange
+    replies: AbstractExchange
+    events: AbstractExchange
+    dead_letter: AbstractExchange
+    default: AbstractExchange
+
+
+async def declare_topology(channel: AbstractChannel) -> Exchanges:
+    """Declare every exchange and queue (idempotent: same arguments every time)."""
+    direct, topic = ExchangeType.DIRECT, ExchangeType.TOPIC
+    requests = await channel.declare_exchange(topology.REQUESTS_EXCHANGE, direct, durable=True)
+    commands = await channel.declare_exchange(topology.COMMANDS_EXCHANGE, direct, durable=True)
+    replies = await channel.declare_exchange(topology.REPLIES_EXCHANGE, direct, durable=True)
+    events = await channel.declare_exchange(topology.EVENTS_EXCHANGE, topic, durable=True)
+    dead = await channel.declare_exchange(topology.DEAD_LETTER_EXCHANGE, direct, durable=True)
+    for queue_name, exchange_name, routing_key in topology.consumed_queues():
+        dlq_name = topology.dead_letter_queue(queue_name)
+        dlq = await channel.declare_queue(dlq_name, durable=True)
+        await dlq.bind(dead, routing_key=queue_name)
+        queue = await channel.declare_queue(
+            queue_name,
+            durable=True,
+            arguments={
+                # Rejections the broker dead-letters itself land in the same DLQ.
+                "x-dead-letter-exchange": topology.DEAD_LETTER_EXCHANGE,
+                "x-dead-letter-routing-key": queue_name,
+            },
+        )
+        await queue.bind(exchange_name, routing_key=routing_key)
+    return Exchanges(requests, commands, replies, events, dead, channel.default_exchange)
+
+
+def to_amqp(wire: Wire, *, reply_to: str | None = None, headers: dict[str, str] | None = None
+            ) -> aio_pika.Message:
+    """An aio-pika message with the properties we set on every publish."""
+    return aio_pika.Message(
+        wire.body,
+        content_type=wire.content_type,
+        type=wire.type,
+        message_id=wire.message_id,
+        correlation_id=wire.correlation_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        reply_to=reply_to,
+        headers=headers or {},
+    )
+
+
+async def publish(
+    exchange: AbstractExchange,
+    message: Envelope | Wire,
+    routing_key: str,
+    *,
+    mandatory: bool = True,
+    reply_to: str | None = None,
+) -> None:
+    """Publish and wait for the broker's confirm; raise PublishFailedError when there is none.
+
+    With ``mandatory`` an unroutable message is an error, so a missing queue never swallows
+    a command silently.
+    """
+    wire = message if isinstance(message, Wire) else encode(message)
+    try:
+        result = await exchange.publish(
+            to_amqp(wire, reply_to=reply_to), routing_key, mandatory=mandatory
+        )
+    except BROKER_ERRORS as exc:
+        raise PublishFailedError(
+            f"{wire.type} to {exchange.name or '(default)'}/{routing_key}: {exc!r}"
+        ) from exc
+    if isinstance(result, aiormq.abc.DeliveredMessage):
+        raise PublishFailedError(
+            f"{wire.type} to {exchange.name or '(default)'}/{routing_key} was unroutable"
+        )
+
+
+async def dead_letter(
+    dead_letters: AbstractExchange, incoming: AbstractIncomingMessage, queue: str,
+    reason: str, detail: str,
+) -> None:
+    """Copy a delivery to its queue's DLQ with the reason in its headers (then the caller acks)."""
+    headers = dict(incoming.headers or {})
+    headers.update({
+        topology.REASON_HEADER: reason,
+        topology.DETAIL_HEADER: detail[:1000],
+        topology.QUEUE_HEADER: queue,
+    })
+    copy = aio_pika.Message(
+        incoming.body,
+        content_type=incoming.content_type,
+        type=incoming.type,
+        message_id=incoming.message_id,
+        correlation_id=incoming.correlation_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        headers=headers,
+    )
+    await dead_letters.publish(copy, routing_key=queue, mandatory=True)
+
+
+Handler = Callable[[AnyMessage, AbstractIncomingMessage], Awaitable[None]]
+
+
+async def consume(
+    channel: AbstractChannel,
+    queue_name: str,
+    exchanges: Exchanges,
+    handler: Handler,
+    settings: BrokerSettings,
+) -> None:
+    """Consume ``queue_name``: decode each delivery, hand it to ``handler``, then ack.
+
+    This is the one place deliveries are acked or dead-lettered. A message that does not
+    decode, or that the handler rejects, goes to the DLQ with the reason and is logged once;
+    the consumer keeps going. An unexpected error is retried once, then dead-lettered.
+    """
+    queue = await channel.get_queue(queue_name, ensure=False)
+
+    async def on_message(incoming: AbstractIncomingMessage) -> None:
+        try:
+            message = decode(
+                incoming.body,
+                content_type=incoming.content_type,
+                type_hint=incoming.type,
+                max_bytes=settings.max_message_bytes,
+            )
+        except DecodeError as exc:
+            await _reject(incoming, exc.reason, exc.detail)
+            return
+        with saga_context(message.saga_id):
+            try:
+                await handler(message, incoming)
+            except Rejected as exc:
+                await _reject(incoming, exc.reason, exc.detail)
+                return
+            except PublishFailedError as exc:
+                # Broker trouble, not the message's fault: let it come back.
+                log.warning("requeueing %s: %s", incoming.message_id, exc)
+                await _settle(incoming.nack(requeue=True))
+                return
+            except Exception as exc:
+                if not incoming.redelivered:
+                    log.exception("error handling %s; requeueing once", incoming.message_id)
+                    await _settle(incoming.nack(requeue=True))
+                    return
+                log.exception("error handling %s again; dead-lettering", incoming.message_id)
+                await _reject(incoming, "handler_error", repr(exc))
+                return
+        await _settle(incoming.ack())
+
+    async def _reject(incoming: AbstractIncomingMessage, reason: str, detail: str) -> None:
+        log.warning(
+            "dead-lettering message %s from %s: %s: %s",
+            incoming.message_id, queue_name, reason, detail,
+        )
+        try:
+            await dead_letter(exchanges.dead_letter, incoming, queue_name, reason, detail)
+        except Exception:
+            log.exception("could not dead-letter %s; requeueing", incoming.message_id)
+            await _settle(incoming.nack(requeue=True))
+            return
+        await _settle(incoming.ack())
+
+    await queue.consume(on_message)
+
+
+async def _settle(outcome: Awaitable[None]) -> None:
+    # A channel lost between handling and ack is fine: the broker redelivers, and every
+    # handler here is idempotent. Nothing else to do but note it.
+    try:
+        await outcome
+    except BROKER_ERRORS as exc:
+        log.info("could not settle a delivery (%s); the broker will redeliver it", exc)

@@ -1,0 +1,33 @@
+"""The project's one error tree: every error we raise on purpose derives from SagaError."""
+
+
+class SagaError(Exception):
+    """Raised for any failure this project reports on purpose."""
+
+
+class DecodeError(SagaError):
+    """Raised when an incoming message cannot be turned into a known, valid model.
+
+    ``reason`` is a short machine-readable code that ends up in the dead-letter headers.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class BrokerUnavailableError(SagaError):
+    """Raised when the broker cannot be reached or refuses our credentials."""
+
+
+class PublishFailedError(SagaError):
+    """Raised when the broker did not confirm a publish (nack, unroutable or channel lost)."""
+
+
+class ConfigurationError(SagaError):
+    """Raised when a command-line option or setting cannot be used."""
+
+
+class SagaNotFoundError(SagaError):
+    """Raised when a saga id names no saga in the store."""

@@ -1,0 +1,230 @@
+"""The message contract: every message that crosses the broker, as frozen pydantic models.
+
+Each message is an envelope (type tag, ids, saga id, schema version, creation time) plus a
+payload. The field names of a command's payload match the fields of PlaceOrder, which is
+what lets the saga definition build commands from the order without per-command code.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Literal
+from uuid import UUID, uuid4
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware in UTC (all timestamps on the wire are UTC)."""
+    return datetime.now(UTC)
+
+
+def _two_places(value: Decimal) -> Decimal:
+    if value.as_tuple().exponent < -2:  # type: ignore[operator]
+        raise ValueError("money has at most two decimal places")
+    return value
+
+
+class Money(BaseModel):
+    """An amount of money: a positive Decimal with at most two places, and its currency."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    amount: Annotated[
+        Decimal,
+        Field(gt=0, max_digits=12, allow_inf_nan=False, description="Positive amount"),
+        AfterValidator(_two_places),
+    ]
+    currency: str = Field(
+        default="EUR", pattern=r"^[A-Z]{3}$", description="ISO 4217 code, e.g. EUR"
+    )
+
+    def __str__(self) -> str:
+        return f"{self.amount:.2f} {self.currency}"
+
+
+_MONEY_TEXT = re.compile(r"^\s*(?P<amount>\d+(\.\d{1,2})?)\s*(?P<currency>[A-Za-z]{3})?\s*$")
+
+
+def parse_money(text: str) -> Money:
+    """Read '25.00' or '25.00 USD' as Money (EUR when no currency is given)."""
+    match = _MONEY_TEXT.match(text)
+    if match is None:
+        raise ValueError(f"not an amount of money: {text!r} (expected e.g. 25.00 or '25.00 EUR')")
+    currency = (match["currency"] or "EUR").upper()
+    return Money(amount=Decimal(match["amount"]), currency=currency)
+
+
+Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+Quantity = Annotated[int, Field(gt=0, le=1_000_000)]
+
+
+class Envelope(BaseModel):
+    """Fields every message carries, whatever its payload."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    message_id: UUID = Field(default_factory=uuid4, description="Unique per message")
+    saga_id: UUID = Field(description="The saga this message belongs to")
+    schema_version: Literal[1] = Field(default=SCHEMA_VERSION)
+    created_at: datetime = Field(default_factory=utc_now)
+
+
+# --- the request ---------------------------------------------------------------------------
+
+
+class PlaceOrder(Envelope):
+    """Request: start an order saga. Sent by place_order.py to the orchestrator."""
+
+    type: Literal["PlaceOrder"] = "PlaceOrder"
+    customer_id: Identifier
+    sku: Identifier
+    quantity: Quantity
+    amount: Money
+
+
+# --- commands (orchestrator -> participant) --------------------------------------------------
+
+
+class Command(Envelope):
+    """Base of every command. Its message_id is the idempotency key of the step."""
+
+
+class ReserveStock(Command):
+    """Reserve `quantity` units of `sku` for the saga."""
+
+    type: Literal["ReserveStock"] = "ReserveStock"
+    sku: Identifier
+    quantity: Quantity
+
+
+class ReleaseStock(Command):
+    """Compensation of ReserveStock: give back the saga's reservation, if there is one."""
+
+    type: Literal["ReleaseStock"] = "ReleaseStock"
+    sku: Identifier
+    quantity: Quantity
+
+
+class ChargePayment(Command):
+    """Charge `amount` to the customer."""
+
+    type: Literal["ChargePayment"] = "ChargePayment"
+    customer_id: Identifier
+    amount: Money
+
+
+class RefundPayment(Command):
+    """Compensation of ChargePayment: refund the saga's charge, if there is one."""
+
+    type: Literal["RefundPayment"] = "RefundPayment"
+    customer_id: Identifier
+    amount: Money
+
+
+class CompleteOrder(Command):
+    """Record the order as completed: the saga's last step."""
+
+    type: Literal["CompleteOrder"] = "CompleteOrder"
+    customer_id: Identifier
+    sku: Identifier
+    quantity: Quantity
+    amount: Money
+
+
+# --- replies (participant -> orchestrator) ---------------------------------------------------
+
+
+class Reply(Envelope):
+    """Base of the replies; `command_id` is the message_id of the command answered."""
+
+    command_id: UUID
+    command_type: str = Field(max_length=64)
+    participant: Identifier
+
+
+class CommandSucceeded(Reply):
+    """The participant applied the command (or had already applied it)."""
+
+    type: Literal["CommandSucceeded"] = "CommandSucceeded"
+    detail: str = Field(default="", max_length=500)
+
+
+class CommandFailed(Reply):
+    """The participant refused the command; nothing changed on its side."""
+
+    type: Literal["CommandFailed"] = "CommandFailed"
+    reason: Identifier = Field(description="Machine-readable, e.g. out_of_stock")
+    detail: str = Field(default="", max_length=500)
+
+
+# --- the result ------------------------------------------------------------------------------
+
+
+class SagaStatus(enum.StrEnum):
+    """The states of a saga."""
+
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    COMPENSATING = "COMPENSATING"
+    COMPENSATED = "COMPENSATED"
+    FAILED = "FAILED"
+
+    @property
+    def finished(self) -> bool:
+        return self in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
+
+
+class HistoryEntry(BaseModel):
+    """One line of a saga's timeline."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    at: datetime
+    step: str = Field(max_length=64)
+    event: str = Field(max_length=64, description="e.g. sent, succeeded, failed, timed_out")
+    detail: str = Field(default="", max_length=500)
+    status: SagaStatus
+
+
+class SagaFinished(Envelope):
+    """Result event: the saga ended. Sent to the requester's reply_to and to saga.events."""
+
+    type: Literal["SagaFinished"] = "SagaFinished"
+    status: SagaStatus
+    reason: str | None = None
+    history: tuple[HistoryEntry, ...] = ()
+
+
+AnyMessage = Annotated[
+    PlaceOrder
+    | ReserveStock
+    | ReleaseStock
+    | ChargePayment
+    | RefundPayment
+    | CompleteOrder
+    | CommandSucceeded
+    | CommandFailed
+    | SagaFinished,
+    Field(discriminator="type"),
+]
+
+MESSAGE_TYPES: dict[str, type[Envelope]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (
+        PlaceOrder,
+        ReserveStock,
+        ReleaseStock,
+        ChargePayment,
+        RefundPayment,
+        CompleteOrder,
+        CommandSucceeded,
+        CommandFailed,
+        SagaFinished,
+    )
+}

@@ -1,0 +1,29 @@
+"""Running a long-lived service process: stop cleanly on SIGTERM (docker stop) or Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Coroutine
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def run_service(main: Coroutine[Any, Any, None]) -> int:
+    """Run ``main`` until it ends or a stop signal arrives; return the exit code."""
+
+    async def wrapper() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        await main
+
+    try:
+        asyncio.run(wrapper())
+    except asyncio.CancelledError:
+        log.info("stopped")
+    return 0

@@ -1,0 +1,32 @@
+"""Settings every process shares. Each process has one settings class built on this one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BrokerSettings(BaseSettings):
+    """How to reach RabbitMQ and how much to take from it. Read from SAGA_* variables."""
+
+    model_config = SettingsConfigDict(env_prefix="SAGA_", extra="ignore")
+
+    amqp_url: str = Field(
+        default="amqp://guest:guest@localhost:5672/", description="RabbitMQ URL (vhost included)"
+    )
+    prefetch: int = Field(default=64, ge=1, le=65535, description="Unacked deliveries per consumer")
+    max_message_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="Larger bodies are dead-lettered unread"
+    )
+    connect_retry_s: float = Field(
+        default=2.0, gt=0, description="Wait between attempts to reach the broker"
+    )
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+
+class ServiceSettings(BrokerSettings):
+    """A broker-connected service that keeps its state in SQLite files under data_dir."""
+
+    data_dir: Path = Field(default=Path("data"), description="Where the SQLite files live")

@@ -1,0 +1,1 @@
+"""The order saga orchestrator: definition (data), engine (pure), store and runtime (I/O)."""

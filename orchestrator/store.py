@@ -1,0 +1,201 @@
+"""Durable saga state and the outbox, behind a small interface.
+
+``SagaStore`` is what the runtime needs; ``SqliteStore`` is the one implementation today.
+The engine knows nothing of it, and nothing here leans on SQLite beyond this file, so a
+PostgreSQL store for several replicas can implement the same protocol.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+from uuid import UUID
+
+from messages.codec import Wire
+from messages.errors import SagaError
+from messages.models import SagaStatus
+from orchestrator.engine import SagaState
+
+
+class ConcurrentUpdateError(SagaError):
+    """Raised when a saga changed in the store since it was read (another writer won)."""
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """A message the orchestrator decided to send, kept until the broker confirms it."""
+
+    exchange: str
+    routing_key: str
+    wire: Wire
+    mandatory: bool = True
+    reply_to: str | None = None
+    id: int | None = None  # set once stored
+
+
+class SagaStore(Protocol):
+    """What the orchestrator runtime and CLI need from durable storage."""
+
+    def get(self, saga_id: UUID) -> SagaState | None: ...
+
+    def commit(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> SagaState:
+        """Save ``state`` and queue ``outbox`` in one transaction; return the stored state.
+
+        A state with version 0 is new; otherwise the stored version must still be
+        ``state.version`` (else ConcurrentUpdateError). The stored state has version + 1.
+        """
+        ...
+
+    def due(self, now: datetime, limit: int) -> list[SagaState]: ...
+
+    def outbox(self, limit: int) -> list[OutboxMessage]: ...
+
+    def outbox_done(self, ids: Iterable[int]) -> None: ...
+
+    def outbox_depth(self) -> int: ...
+
+    def sagas(self, status: SagaStatus | None, limit: int) -> list[SagaState]: ...
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sagas (
+    saga_id    TEXT PRIMARY KEY,
+    status     TEXT NOT NULL,
+    deadline   REAL,
+    version    INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    state      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sagas_deadline ON sagas (deadline) WHERE deadline IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sagas_status ON sagas (status, created_at);
+CREATE TABLE IF NOT EXISTS outbox (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    saga_id        TEXT NOT NULL,
+    exchange       TEXT NOT NULL,
+    routing_key    TEXT NOT NULL,
+    mandatory      INTEGER NOT NULL,
+    reply_to       TEXT,
+    type           TEXT NOT NULL,
+    message_id     TEXT NOT NULL,
+    content_type   TEXT NOT NULL,
+    timestamp      REAL NOT NULL,
+    body           BLOB NOT NULL
+);
+"""
+
+
+def _ts(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def open_sqlite(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection in WAL mode with full fsync: a committed saga survives a power cut."""
+    if readonly:
+        if not path.exists():
+            raise SagaError(f"no store at {path}: has the service run with this SAGA_DATA_DIR?")
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+class SqliteStore:
+    """SagaStore in one SQLite file."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self._db = open_sqlite(path, readonly=readonly)
+        if not readonly:
+            with self._db:
+                self._db.executescript(_SCHEMA)
+
+    def get(self, saga_id: UUID) -> SagaState | None:
+        row = self._db.execute(
+            "SELECT state FROM sagas WHERE saga_id = ?", (str(saga_id),)
+        ).fetchone()
+        return None if row is None else SagaState.model_validate_json(row[0])
+
+    def commit(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> SagaState:
+        stored = state.model_copy(update={"version": state.version + 1})
+        values = (stored.status.value, _ts(stored.deadline), stored.version,
+                  _ts(stored.updated_at), stored.model_dump_json(), str(stored.saga_id))
+        with self._db:
+            if state.version == 0:
+                self._db.execute(
+                    "INSERT INTO sagas (status, deadline, version, updated_at, state, saga_id,"
+                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (*values, _ts(stored.created_at)),
+                )
+            else:
+                updated = self._db.execute(
+                    "UPDATE sagas SET status = ?, deadline = ?, version = ?, updated_at = ?,"
+                    " state = ? WHERE saga_id = ? AND version = ?",
+                    (*values, state.version),
+                ).rowcount
+                if updated != 1:
+                    raise ConcurrentUpdateError(f"saga {state.saga_id} changed since it was read")
+            self._db.executemany(
+                "INSERT INTO outbox (saga_id, exchange, routing_key, mandatory, reply_to, type,"
+                " message_id, content_type, timestamp, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [(str(state.saga_id), m.exchange, m.routing_key, int(m.mandatory), m.reply_to,
+                  m.wire.type, m.wire.message_id, m.wire.content_type, m.wire.timestamp,
+                  m.wire.body) for m in outbox],
+            )
+        return stored
+
+    def due(self, now: datetime, limit: int) -> list[SagaState]:
+        rows = self._db.execute(
+            "SELECT state FROM sagas WHERE deadline <= ? ORDER BY deadline LIMIT ?",
+            (now.timestamp(), limit),
+        ).fetchall()
+        return [SagaState.model_validate_json(row[0]) for row in rows]
+
+    def outbox(self, limit: int) -> list[OutboxMessage]:
+        rows = self._db.execute(
+            "SELECT id, saga_id, exchange, routing_key, mandatory, reply_to, type, message_id,"
+            " content_type, timestamp, body FROM outbox ORDER BY id LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [
+            OutboxMessage(
+                id=row[0], exchange=row[2], routing_key=row[3], mandatory=bool(row[4]),
+                reply_to=row[5],
+                wire=Wire(body=row[10], content_type=row[8], type=row[6], message_id=row[7],
+                          correlation_id=row[1], timestamp=row[9]),
+            )
+            for row in rows
+        ]
+
+    def outbox_done(self, ids: Iterable[int]) -> None:
+        with self._db:
+            self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+
+    def outbox_depth(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    def sagas(self, status: SagaStatus | None, limit: int) -> list[SagaState]:
+        query = "SELECT state FROM sagas"
+        args: tuple[object, ...] = ()
+        if status is not None:
+            query += " WHERE status = ?"
+            args = (status.value,)
+        rows = self._db.execute(f"{query} ORDER BY created_at DESC LIMIT ?", (*args, limit))
+        return [SagaState.model_validate_json(row[0]) for row in rows]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def utc(ts: float) -> datetime:
+    """A stored timestamp back as an aware datetime."""
+    return datetime.fromtimestamp(ts, UTC)

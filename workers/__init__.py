@@ -1,0 +1,1 @@
+"""The saga's participants: one shared runtime, and inventory, payment and order logic."""

@@ -1,0 +1,131 @@
+"""`python -m workers run inventory|payment|order|all` and `python -m workers stock`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
+from typing import TypeVar
+
+from messages import amqp, logs
+from messages.errors import ConfigurationError, SagaError
+from messages.service import run_service
+from orchestrator.store import open_sqlite
+from workers import inventory, order, payment
+from workers.runtime import Participant, open_db, serve
+from workers.settings import WorkerSettings
+
+NAMES = ("inventory", "payment", "order")
+T = TypeVar("T")
+
+
+def _pairs(convert: Callable[[str], T]) -> Callable[[str], dict[str, T]]:
+    """An argparse type for 'key=value,key=value'."""
+    def parse(text: str) -> dict[str, T]:
+        result = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, sep, value = item.partition("=")
+            try:
+                if not sep or not key:
+                    raise ValueError
+                result[key.strip()] = convert(value.strip())
+            except (ValueError, InvalidOperation):
+                raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {item!r}") from None
+        return result
+    return parse
+
+
+def _stock_level(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError
+    return value
+
+
+def _limit(text: str) -> Decimal:
+    value = Decimal(text)
+    if not value.is_finite() or value <= 0:
+        raise ValueError
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: run and stock."""
+    parser = argparse.ArgumentParser(prog="python -m workers",
+                                     description="The saga's participants.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one participant, or all three in one process")
+    run.add_argument("participant", choices=(*NAMES, "all"))
+    run.add_argument("--stock", type=_pairs(_stock_level), default={}, metavar="SKU=N,...",
+                     help="inventory: initial stock for SKUs not stocked yet")
+    run.add_argument("--limit", type=_pairs(_limit), default={}, metavar="CUSTOMER=AMOUNT,...",
+                     help="payment: credit limits for customers not known yet")
+    run.add_argument("--block", type=lambda t: [c for c in t.split(",") if c], default=[],
+                     metavar="CUSTOMER,...", help="order: customers whose orders are refused")
+    stock = sub.add_parser("stock", help="print current stock per SKU")
+    stock.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    for option, owner in (("stock", "inventory"), ("limit", "payment"), ("block", "order")):
+        if getattr(args, option) and args.participant not in (owner, "all"):
+            raise ConfigurationError(f"--{option} applies to {owner}, not {args.participant}")
+
+
+async def _run(settings: WorkerSettings, args: argparse.Namespace) -> None:
+    names = NAMES if args.participant == "all" else (args.participant,)
+    participants: dict[str, Participant] = {
+        "inventory": inventory.INVENTORY,
+        "payment": payment.payment(settings.default_credit_limit),
+        "order": order.ORDER,
+    }
+    dbs = {name: open_db(settings.db_path(name), participants[name].schema) for name in names}
+    if "inventory" in dbs:
+        inventory.seed(dbs["inventory"], args.stock)
+    if "payment" in dbs:
+        payment.seed(dbs["payment"], args.limit)
+    if "order" in dbs:
+        order.seed(dbs["order"], args.block)
+    connection = await amqp.connect(settings, f"workers:{args.participant}")
+    try:
+        async with connection:
+            await serve([participants[n] for n in names], dbs, connection, settings)
+            await _forever()
+    finally:
+        for db in dbs.values():
+            db.close()
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()
+
+
+def _stock(settings: WorkerSettings, as_json: bool) -> int:
+    db: sqlite3.Connection = open_sqlite(settings.db_path("inventory"), readonly=True)
+    levels = inventory.current_stock(db)
+    if as_json:
+        print(json.dumps(levels, indent=2))
+    else:
+        for sku, quantity in levels.items():
+            print(f"{sku:<24} {quantity}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = WorkerSettings()
+        logs.configure(settings.log_level)
+        if args.command == "stock":
+            return _stock(settings, args.json)
+        _check_options(args)
+        return run_service(_run(settings, args))
+    except SagaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,82 @@
+"""Payment: a credit limit per customer; at most one charge per saga."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sqlite3
+from decimal import Decimal
+
+from messages.models import ChargePayment, RefundPayment
+from workers.runtime import Failed, Outcome, Participant, Succeeded, transaction
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS credit_limits (
+    customer_id TEXT PRIMARY KEY,
+    max_charge  TEXT NOT NULL
+);
+-- status 'refunded' with amount 0 is a tombstone: refunded before it was ever charged.
+CREATE TABLE IF NOT EXISTS charges (
+    saga_id     TEXT PRIMARY KEY,
+    customer_id TEXT NOT NULL,
+    amount      TEXT NOT NULL,
+    currency    TEXT NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('charged', 'refunded'))
+);
+"""
+
+
+def charge(command: ChargePayment, db: sqlite3.Connection, *, default_limit: Decimal
+           ) -> Outcome:
+    """Charge the customer, or fail with payment_declined above their credit limit."""
+    saga = str(command.saga_id)
+    row = db.execute("SELECT status FROM charges WHERE saga_id = ?", (saga,)).fetchone()
+    if row is not None:
+        if row[0] == "refunded":
+            return Failed("already_compensated", "the saga's payment was already refunded")
+        return Succeeded("already charged")
+    limit_row = db.execute("SELECT max_charge FROM credit_limits WHERE customer_id = ?",
+                           (command.customer_id,)).fetchone()
+    limit = default_limit if limit_row is None else Decimal(limit_row[0])
+    money = command.amount
+    if money.amount > limit:
+        return Failed("payment_declined",
+                      f"{money} is over the credit limit of {limit:.2f} for {command.customer_id}")
+    db.execute("INSERT INTO charges VALUES (?, ?, ?, ?, 'charged')",
+               (saga, command.customer_id, str(money.amount), money.currency))
+    log.info("Charged %s to %s", money, command.customer_id)
+    return Succeeded(f"charged {money}")
+
+
+def refund(command: RefundPayment, db: sqlite3.Connection) -> Outcome:
+    """Refund the saga's charge; leave a tombstone if there was none."""
+    saga = str(command.saga_id)
+    row = db.execute("SELECT status FROM charges WHERE saga_id = ?", (saga,)).fetchone()
+    if row is None:
+        db.execute("INSERT INTO charges VALUES (?, ?, '0', ?, 'refunded')",
+                   (saga, command.customer_id, command.amount.currency))
+        log.info("Refund for saga %s before any charge: nothing to refund; "
+                 "a late ChargePayment will be refused", saga)
+        return Succeeded("nothing was charged")
+    if row[0] == "refunded":
+        return Succeeded("already refunded")
+    db.execute("UPDATE charges SET status = 'refunded' WHERE saga_id = ?", (saga,))
+    log.info("Refunded %s to %s for saga %s", command.amount, command.customer_id, saga)
+    return Succeeded(f"refunded {command.amount}")
+
+
+def seed(db: sqlite3.Connection, limits: dict[str, Decimal]) -> None:
+    """Set credit limits for customers the database does not know yet (first start only)."""
+    with transaction(db):
+        db.executemany("INSERT OR IGNORE INTO credit_limits VALUES (?, ?)",
+                       [(customer, str(limit)) for customer, limit in limits.items()])
+
+
+def payment(default_limit: Decimal) -> Participant:
+    """The payment participant; customers without a limit of their own get ``default_limit``."""
+    return Participant("payment", SCHEMA, {
+        ChargePayment: functools.partial(charge, default_limit=default_limit),
+        RefundPayment: refund,
+    })

@@ -1,0 +1,159 @@
+"""The one participant runtime: consume, decode, dedupe, handle, commit, reply, ack.
+
+A participant is business logic only: a schema and one plain function per command type.
+The handler runs inside a transaction that also records the command id with its reply, so
+a redelivered command gets the original reply back and has no second effect.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from messages import amqp, topology
+from messages.amqp import Exchanges, Rejected
+from messages.codec import decode
+from messages.models import AnyMessage, Command, CommandFailed, CommandSucceeded, Reply
+from messages.settings import BrokerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    """The handler applied the command."""
+
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The handler refused the command and changed nothing; ``reason`` is machine-readable."""
+
+    reason: str
+    detail: str = ""
+
+
+Outcome = Succeeded | Failed
+Handler = Callable[[Any, sqlite3.Connection], Outcome]
+
+_RUNTIME_SCHEMA = """
+CREATE TABLE IF NOT EXISTS processed_commands (
+    command_id   TEXT PRIMARY KEY,
+    saga_id      TEXT NOT NULL,
+    command_type TEXT NOT NULL,
+    reply        BLOB NOT NULL,
+    processed_at TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Participant:
+    """A participant's business logic: its tables, and a handler per command type."""
+
+    name: str
+    schema: str
+    handlers: Mapping[type[Command], Handler]
+
+
+def open_db(path: Path, schema: str) -> sqlite3.Connection:
+    """The participant's own database, created on first use, in autocommit mode.
+
+    Transactions are explicit (``transaction``) so the dedupe record and the state change
+    always commit together.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA busy_timeout=5000")
+    db.executescript(_RUNTIME_SCHEMA + schema)
+    return db
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK if the block raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def apply(participant: Participant, db: sqlite3.Connection, command: Command) -> Reply:
+    """Handle ``command`` exactly once; a repeat returns the first reply unchanged."""
+    handler = participant.handlers.get(type(command))
+    if handler is None:
+        raise Rejected("unexpected_type", f"{participant.name} does not handle {command.type}")  # type: ignore[attr-defined]
+    with transaction(db):
+        row = db.execute(
+            "SELECT reply FROM processed_commands WHERE command_id = ?",
+            (str(command.message_id),),
+        ).fetchone()
+        if row is not None:
+            log.info("%s %s already processed: answering with the original reply",
+                     command.type, command.message_id)  # type: ignore[attr-defined]
+            reply = decode(row[0])
+            assert isinstance(reply, Reply)
+            return reply
+        outcome = handler(command, db)
+        reply = _reply(participant.name, command, outcome)
+        db.execute(
+            "INSERT INTO processed_commands VALUES (?, ?, ?, ?, ?)",
+            (str(command.message_id), str(command.saga_id), command.type,  # type: ignore[attr-defined]
+             reply.model_dump_json().encode(), datetime.now(UTC).isoformat()),
+        )
+    if isinstance(outcome, Failed):
+        log.info("%s refused: %s %s", command.type, outcome.reason, outcome.detail)  # type: ignore[attr-defined]
+    return reply
+
+
+def _reply(participant: str, command: Command, outcome: Outcome) -> Reply:
+    common: dict[str, Any] = {
+        "saga_id": command.saga_id,
+        "command_id": command.message_id,
+        "command_type": command.type,  # type: ignore[attr-defined]
+        "participant": participant,
+        "detail": outcome.detail,
+    }
+    if isinstance(outcome, Failed):
+        return CommandFailed(reason=outcome.reason, **common)
+    return CommandSucceeded(**common)
+
+
+async def serve(participants: list[Participant], dbs: Mapping[str, sqlite3.Connection],
+                connection: AbstractRobustConnection, settings: BrokerSettings) -> None:
+    """Consume each participant's command queue on its own channel; reply with confirms."""
+    publish_channel = await connection.channel(publisher_confirms=True)
+    exchanges = await amqp.declare_topology(publish_channel)
+    for participant in participants:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=settings.prefetch)
+        handler = _on_command(participant, dbs[participant.name], exchanges)
+        queue = topology.command_queue(participant.name)
+        await amqp.consume(channel, queue, exchanges, handler, settings)
+        log.info("%s ready: consuming %s", participant.name, queue)
+
+
+def _on_command(participant: Participant, db: sqlite3.Connection, exchanges: Exchanges
+                ) -> amqp.Handler:
+    async def on_command(message: AnyMessage, incoming: AbstractIncomingMessage) -> None:
+        if not isinstance(message, Command):
+            raise Rejected("unexpected_type", f"{message.type} is not a command")
+        reply = apply(participant, db, message)
+        # Not acked until the reply is confirmed: a crash here means a redelivery, which
+        # the dedupe record answers with this same reply.
+        await amqp.publish(exchanges.replies, reply, topology.REPLY_ROUTING_KEY)
+    return on_command
