@@ -119,8 +119,7 @@ async def declare_topology(channel: AbstractChannel) -> Exchanges:
     return Exchanges(requests, commands, replies, events, dead, channel.default_exchange)
 
 
-def to_amqp(wire: Wire, *, reply_to: str | None = None, headers: dict[str, str] | None = None
-            ) -> aio_pika.Message:
+def to_amqp(wire: Wire, *, reply_to: str | None = None) -> aio_pika.Message:
     """An aio-pika message with the properties we set on every publish."""
     return aio_pika.Message(
         wire.body,
@@ -130,7 +129,6 @@ def to_amqp(wire: Wire, *, reply_to: str | None = None, headers: dict[str, str] 
         correlation_id=wire.correlation_id,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         reply_to=reply_to,
-        headers=headers or {},
     )
 
 
@@ -163,16 +161,21 @@ async def publish(
 
 
 async def dead_letter(
-    dead_letters: AbstractExchange, incoming: AbstractIncomingMessage, queue: str,
-    reason: str, detail: str,
+    dead_letters: AbstractExchange,
+    incoming: AbstractIncomingMessage,
+    queue: str,
+    reason: str,
+    detail: str,
 ) -> None:
     """Copy a delivery to its queue's DLQ with the reason in its headers (then the caller acks)."""
     headers = dict(incoming.headers or {})
-    headers.update({
-        topology.REASON_HEADER: reason,
-        topology.DETAIL_HEADER: detail[:1000],
-        topology.QUEUE_HEADER: queue,
-    })
+    headers.update(
+        {
+            topology.REASON_HEADER: reason,
+            topology.DETAIL_HEADER: detail[:1000],
+            topology.QUEUE_HEADER: queue,
+        }
+    )
     copy = aio_pika.Message(
         incoming.body,
         content_type=incoming.content_type,
@@ -238,7 +241,10 @@ async def consume(
     async def _reject(incoming: AbstractIncomingMessage, reason: str, detail: str) -> None:
         log.warning(
             "dead-lettering message %s from %s: %s: %s",
-            incoming.message_id, queue_name, reason, detail,
+            incoming.message_id,
+            queue_name,
+            reason,
+            detail,
         )
         try:
             await dead_letter(exchanges.dead_letter, incoming, queue_name, reason, detail)

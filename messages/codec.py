@@ -36,7 +36,7 @@ def encode(message: Envelope) -> Wire:
     return Wire(
         body=message.model_dump_json().encode(),
         content_type=CONTENT_TYPE,
-        type=message.type,  # type: ignore[attr-defined]
+        type=message.type,
         message_id=str(message.message_id),
         correlation_id=str(message.saga_id),
         timestamp=message.created_at.timestamp(),

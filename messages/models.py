@@ -71,8 +71,9 @@ class Envelope(BaseModel):
 
     message_id: UUID = Field(default_factory=uuid4, description="Unique per message")
     saga_id: UUID = Field(description="The saga this message belongs to")
-    schema_version: Literal[1] = Field(default=SCHEMA_VERSION)
+    schema_version: Literal[1] = 1
     created_at: datetime = Field(default_factory=utc_now)
+    type: str  # each message narrows this to a Literal: the tag the decoder dispatches on
 
 
 # --- the request ---------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """Names of every exchange and queue, in one place. Plain strings: usable from pika and aio-pika.
 
-    saga.requests  (direct) --place_order--> orchestrator.requests
-    saga.commands  (direct) --inventory----> inventory.commands    (and payment, order)
-    saga.replies   (direct) --reply--------> orchestrator.replies
-    saga.events    (topic)  saga.<status>    for observers; results also go to reply_to
-    saga.dead-letter (direct) --<queue>----> <queue>.dlq           one per consumed queue
+saga.requests  (direct) --place_order--> orchestrator.requests
+saga.commands  (direct) --inventory----> inventory.commands    (and payment, order)
+saga.replies   (direct) --reply--------> orchestrator.replies
+saga.events    (topic)  saga.<status>    for observers; results also go to reply_to
+saga.dead-letter (direct) --<queue>----> <queue>.dlq           one per consumed queue
 """
 
 from typing import Final

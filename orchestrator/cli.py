@@ -11,8 +11,8 @@ from uuid import UUID
 from messages import logs
 from messages.errors import SagaError, SagaNotFoundError
 from messages.models import SagaStatus
-from messages.timeline import format_timeline
 from messages.service import run_service
+from messages.timeline import format_timeline
 from orchestrator.engine import SagaState
 from orchestrator.runtime import Orchestrator
 from orchestrator.settings import OrchestratorSettings
@@ -21,13 +21,15 @@ from orchestrator.store import SqliteStore
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: run, list and show."""
-    parser = argparse.ArgumentParser(prog="python -m orchestrator",
-                                     description="The order saga orchestrator.")
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrator", description="The order saga orchestrator."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="consume requests and replies until interrupted")
     listing = sub.add_parser("list", help="list sagas, newest first")
-    listing.add_argument("--state", type=SagaStatus, choices=list(SagaStatus),
-                         help="only sagas in this state")
+    listing.add_argument(
+        "--state", type=SagaStatus, choices=list(SagaStatus), help="only sagas in this state"
+    )
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     show = sub.add_parser("show", help="one saga and its timeline")
@@ -65,8 +67,10 @@ def _list(settings: OrchestratorSettings, args: argparse.Namespace) -> int:
     print(f"{'SAGA ID':<36}  {'STATE':<12}  {'CREATED (UTC)':<19}  {'ORDER':<32}  REASON")
     for s in sagas:
         order = f"{s.request.quantity} x {s.request.sku} {s.request.amount}"
-        print(f"{s.saga_id!s:<36}  {s.status:<12}  {s.created_at:%Y-%m-%d %H:%M:%S}  "
-              f"{order:<32}  {s.reason or ''}")
+        print(
+            f"{s.saga_id!s:<36}  {s.status:<12}  {s.created_at:%Y-%m-%d %H:%M:%S}  "
+            f"{order:<32}  {s.reason or ''}"
+        )
     return 0
 
 

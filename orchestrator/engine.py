@@ -79,24 +79,33 @@ class Decision:
     ignored: str | None = None
 
 
-def start(definition: SagaDefinition, request: PlaceOrder, reply_to: str | None,
-          now: datetime) -> Decision:
+def start(
+    definition: SagaDefinition, request: PlaceOrder, reply_to: str | None, now: datetime
+) -> Decision:
     """A new saga for ``request``: send the first step's command."""
-    state = SagaState(saga_id=request.saga_id, request=request, reply_to=reply_to,
-                      created_at=now, updated_at=now)
-    state = _record(state, now, SAGA, "started", f"{request.quantity} x {request.sku} "
-                    f"for {request.customer_id}, {request.amount}")
+    state = SagaState(
+        saga_id=request.saga_id, request=request, reply_to=reply_to, created_at=now, updated_at=now
+    )
+    state = _record(
+        state,
+        now,
+        SAGA,
+        "started",
+        f"{request.quantity} x {request.sku} for {request.customer_id}, {request.amount}",
+    )
     return _send(definition, state, 0, 1, now)
 
 
-def on_reply(definition: SagaDefinition, state: SagaState, reply: Reply,
-             now: datetime) -> Decision:
+def on_reply(definition: SagaDefinition, state: SagaState, reply: Reply, now: datetime) -> Decision:
     """Apply a participant's reply; duplicates, late and stray replies change nothing."""
     if state.status.finished:
         return Decision(state, ignored=f"saga is already {state.status}")
     if reply.command_id != state.pending:
-        return Decision(state, ignored=f"reply to {reply.command_type} {reply.command_id} "
-                        "is not the one awaited (duplicate or late)")
+        return Decision(
+            state,
+            ignored=f"reply to {reply.command_type} {reply.command_id} "
+            "is not the one awaited (duplicate or late)",
+        )
     step = definition.steps[state.step]
     if state.status is SagaStatus.RUNNING:
         if isinstance(reply, CommandSucceeded):
@@ -136,8 +145,10 @@ def on_deadline(definition: SagaDefinition, state: SagaState, now: datetime) -> 
         return _next_compensation(definition, state, now)
     if step.compensation is None:
         # Its effect is unknown and cannot be undone: only a person can decide.
-        detail = (f"{command} unanswered after {state.attempt} attempts; its effect is "
-                  "unknown and it has no compensation")
+        detail = (
+            f"{command} unanswered after {state.attempt} attempts; its effect is "
+            "unknown and it has no compensation"
+        )
         return _finish(state, SagaStatus.FAILED, now, detail)
     # Its effect is unknown, so undo it too (a compensation of nothing is a no-op).
     return _compensate(definition, state, range(state.step + 1), now, f"{step.name}_timed_out")
@@ -155,38 +166,51 @@ def _command_type(definition: SagaDefinition, index: int, compensating: bool) ->
     return command
 
 
-def _build(command: type[Command], state: SagaState, step: str, compensating: bool,
-           now: datetime) -> Command:
+def _build(
+    command: type[Command], state: SagaState, step: str, compensating: bool, now: datetime
+) -> Command:
     # Commands take their payload from the order by field name: the saga stays data.
     fields: dict[str, Any] = {
         name: getattr(state.request, name)
         for name in command.model_fields
         if name not in Envelope.model_fields and name != "type"
     }
-    return command(message_id=command_id(state.saga_id, step, compensating),
-                   saga_id=state.saga_id, created_at=now, **fields)
+    return command(
+        message_id=command_id(state.saga_id, step, compensating),
+        saga_id=state.saga_id,
+        created_at=now,
+        **fields,
+    )
 
 
-def _send(definition: SagaDefinition, state: SagaState, index: int, attempt: int,
-          now: datetime) -> Decision:
+def _send(
+    definition: SagaDefinition, state: SagaState, index: int, attempt: int, now: datetime
+) -> Decision:
     step = definition.steps[index]
     compensating = state.status is SagaStatus.COMPENSATING
     policy: RetryPolicy = definition.compensation_retry if compensating else step.retry
-    command = _build(_command_type(definition, index, compensating), state, step.name,
-                     compensating, now)
-    state = state.model_copy(update={
-        "step": index, "attempt": attempt, "pending": command.message_id,
-        "deadline": policy.deadline(now, attempt),
-    })
-    state = _record(state, now, step.name, "sent", f"{command.type} attempt {attempt}")  # type: ignore[attr-defined]
+    command = _build(
+        _command_type(definition, index, compensating), state, step.name, compensating, now
+    )
+    state = state.model_copy(
+        update={
+            "step": index,
+            "attempt": attempt,
+            "pending": command.message_id,
+            "deadline": policy.deadline(now, attempt),
+        }
+    )
+    state = _record(state, now, step.name, "sent", f"{command.type} attempt {attempt}")
     return Decision(state, (SendCommand(step.participant, command),))
 
 
-def _compensate(definition: SagaDefinition, state: SagaState, done: range, now: datetime,
-                reason: str) -> Decision:
+def _compensate(
+    definition: SagaDefinition, state: SagaState, done: range, now: datetime, reason: str
+) -> Decision:
     undo = tuple(i for i in reversed(done) if definition.steps[i].compensation is not None)
-    state = state.model_copy(update={"status": SagaStatus.COMPENSATING, "reason": reason,
-                                     "to_compensate": undo})
+    state = state.model_copy(
+        update={"status": SagaStatus.COMPENSATING, "reason": reason, "to_compensate": undo}
+    )
     state = _record(state, now, SAGA, "compensating", reason)
     return _next_compensation(definition, state, now)
 
@@ -194,27 +218,42 @@ def _compensate(definition: SagaDefinition, state: SagaState, done: range, now: 
 def _next_compensation(definition: SagaDefinition, state: SagaState, now: datetime) -> Decision:
     if not state.to_compensate:
         if state.unanswered:
-            return _finish(state, SagaStatus.FAILED, now,
-                           f"{state.reason}; then " + "; ".join(state.unanswered))
+            return _finish(
+                state,
+                SagaStatus.FAILED,
+                now,
+                f"{state.reason}; then " + "; ".join(state.unanswered),
+            )
         return _finish(state, SagaStatus.COMPENSATED, now, state.reason)
     index, *rest = state.to_compensate
     state = state.model_copy(update={"to_compensate": tuple(rest)})
     return _send(definition, state, index, 1, now)
 
 
-def _finish(state: SagaState, status: SagaStatus, now: datetime,
-            reason: str | None) -> Decision:
-    state = state.model_copy(update={"status": status, "reason": reason, "pending": None,
-                                     "deadline": None, "to_compensate": ()})
+def _finish(state: SagaState, status: SagaStatus, now: datetime, reason: str | None) -> Decision:
+    state = state.model_copy(
+        update={
+            "status": status,
+            "reason": reason,
+            "pending": None,
+            "deadline": None,
+            "to_compensate": (),
+        }
+    )
     state = _record(state, now, SAGA, status.lower(), reason or "")
-    event = SagaFinished(message_id=uuid5(state.saga_id, "finished"), saga_id=state.saga_id,
-                         created_at=now, status=status, reason=reason, history=state.history)
+    event = SagaFinished(
+        message_id=uuid5(state.saga_id, "finished"),
+        saga_id=state.saga_id,
+        created_at=now,
+        status=status,
+        reason=reason,
+        history=state.history,
+    )
     return Decision(state, (PublishResult(event, state.reply_to),))
 
 
 def _record(state: SagaState, now: datetime, step: str, event: str, detail: str) -> SagaState:
-    entry = HistoryEntry(at=now, step=step, event=event, detail=detail[:500],
-                         status=state.status)
+    entry = HistoryEntry(at=now, step=step, event=event, detail=detail[:500], status=state.status)
     return state.model_copy(update={"history": (*state.history, entry), "updated_at": now})
 
 

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from messages import amqp, topology
 from messages.amqp import Exchanges, Rejected
@@ -32,11 +32,15 @@ RELAY_BATCH = 256
 
 def definition_from(settings: OrchestratorSettings) -> SagaDefinition:
     """The order saga with the time-outs and retry bounds from settings."""
+
     def policy(attempts: int) -> RetryPolicy:
-        return RetryPolicy(settings.step_timeout_s, attempts, settings.retry_backoff,
-                           settings.max_retry_wait_s)
-    return order_saga(policy(settings.step_max_attempts),
-                      policy(settings.compensation_max_attempts))
+        return RetryPolicy(
+            settings.step_timeout_s, attempts, settings.retry_backoff, settings.max_retry_wait_s
+        )
+
+    return order_saga(
+        policy(settings.step_max_attempts), policy(settings.compensation_max_attempts)
+    )
 
 
 def to_outbox(decision: engine.Decision) -> list[OutboxMessage]:
@@ -44,14 +48,20 @@ def to_outbox(decision: engine.Decision) -> list[OutboxMessage]:
     rows = []
     for out in decision.outbox:
         if isinstance(out, engine.SendCommand):
-            rows.append(OutboxMessage(topology.COMMANDS_EXCHANGE, out.participant,
-                                      encode(out.command)))
+            rows.append(
+                OutboxMessage(topology.COMMANDS_EXCHANGE, out.participant, encode(out.command))
+            )
             continue
         wire = encode(out.event)
         # Nobody may be listening for results: unroutable is fine, not an error.
-        rows.append(OutboxMessage(topology.EVENTS_EXCHANGE,
-                                  topology.event_routing_key(out.event.status), wire,
-                                  mandatory=False))
+        rows.append(
+            OutboxMessage(
+                topology.EVENTS_EXCHANGE,
+                topology.event_routing_key(out.event.status),
+                wire,
+                mandatory=False,
+            )
+        )
         if out.reply_to:
             rows.append(OutboxMessage("", out.reply_to, wire, mandatory=False))
     return rows
@@ -81,14 +91,21 @@ class Orchestrator:
             if depth:
                 log.info("resuming: %d outbox message(s) to republish", depth)
             self._outbox_ready.set()
-            tasks = [asyncio.create_task(self._relay(exchanges), name="outbox-relay"),
-                     asyncio.create_task(self._timer(), name="deadline-timer")]
-            await amqp.consume(consume_channel, topology.REQUESTS_QUEUE, exchanges,
-                               self.on_request, self.settings)
-            await amqp.consume(consume_channel, topology.REPLIES_QUEUE, exchanges,
-                               self.on_reply, self.settings)
-            log.info("orchestrator ready: consuming %s and %s",
-                     topology.REQUESTS_QUEUE, topology.REPLIES_QUEUE)
+            tasks = [
+                asyncio.create_task(self._relay(exchanges), name="outbox-relay"),
+                asyncio.create_task(self._timer(), name="deadline-timer"),
+            ]
+            await amqp.consume(
+                consume_channel, topology.REQUESTS_QUEUE, exchanges, self.on_request, self.settings
+            )
+            await amqp.consume(
+                consume_channel, topology.REPLIES_QUEUE, exchanges, self.on_reply, self.settings
+            )
+            log.info(
+                "orchestrator ready: consuming %s and %s",
+                topology.REQUESTS_QUEUE,
+                topology.REPLIES_QUEUE,
+            )
             try:
                 await asyncio.gather(*tasks)
             finally:
@@ -135,8 +152,11 @@ class Orchestrator:
                     self._apply(decision, len(state.history))
 
     async def _relay(self, exchanges: Exchanges) -> None:
-        by_name = {topology.COMMANDS_EXCHANGE: exchanges.commands,
-                   topology.EVENTS_EXCHANGE: exchanges.events, "": exchanges.default}
+        by_name = {
+            topology.COMMANDS_EXCHANGE: exchanges.commands,
+            topology.EVENTS_EXCHANGE: exchanges.events,
+            "": exchanges.default,
+        }
         backoff = self.settings.connect_retry_s
         while True:
             await self._outbox_ready.wait()
@@ -148,17 +168,25 @@ class Orchestrator:
                     # The broker is away or refusing: try again shortly, keeping the rest.
                     await asyncio.sleep(backoff)
 
-    async def _publish_all(self, by_name: dict[str, amqp.AbstractExchange],
-                           batch: Sequence[OutboxMessage]) -> list[int]:
+    async def _publish_all(
+        self, by_name: dict[str, AbstractExchange], batch: Sequence[OutboxMessage]
+    ) -> list[int]:
         """Publish a batch concurrently (confirms arrive asynchronously); return what landed."""
+
         async def one(row: OutboxMessage) -> int | None:
             try:
-                await amqp.publish(by_name[row.exchange], row.wire, row.routing_key,
-                                   mandatory=row.mandatory, reply_to=row.reply_to)
+                await amqp.publish(
+                    by_name[row.exchange],
+                    row.wire,
+                    row.routing_key,
+                    mandatory=row.mandatory,
+                    reply_to=row.reply_to,
+                )
             except PublishFailedError as exc:
                 with saga_context(row.wire.correlation_id):
                     log.warning("outbox publish failed, will retry: %s", exc)
                 return None
             return row.id
+
         results = await asyncio.gather(*(one(row) for row in batch))
         return [i for i in results if i is not None]

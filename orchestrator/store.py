@@ -127,8 +127,14 @@ class SqliteStore:
 
     def commit(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> SagaState:
         stored = state.model_copy(update={"version": state.version + 1})
-        values = (stored.status.value, _ts(stored.deadline), stored.version,
-                  _ts(stored.updated_at), stored.model_dump_json(), str(stored.saga_id))
+        values = (
+            stored.status.value,
+            _ts(stored.deadline),
+            stored.version,
+            _ts(stored.updated_at),
+            stored.model_dump_json(),
+            str(stored.saga_id),
+        )
         with self._db:
             if state.version == 0:
                 self._db.execute(
@@ -147,9 +153,21 @@ class SqliteStore:
             self._db.executemany(
                 "INSERT INTO outbox (saga_id, exchange, routing_key, mandatory, reply_to, type,"
                 " message_id, content_type, timestamp, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [(str(state.saga_id), m.exchange, m.routing_key, int(m.mandatory), m.reply_to,
-                  m.wire.type, m.wire.message_id, m.wire.content_type, m.wire.timestamp,
-                  m.wire.body) for m in outbox],
+                [
+                    (
+                        str(state.saga_id),
+                        m.exchange,
+                        m.routing_key,
+                        int(m.mandatory),
+                        m.reply_to,
+                        m.wire.type,
+                        m.wire.message_id,
+                        m.wire.content_type,
+                        m.wire.timestamp,
+                        m.wire.body,
+                    )
+                    for m in outbox
+                ],
             )
         return stored
 
@@ -168,10 +186,19 @@ class SqliteStore:
         ).fetchall()
         return [
             OutboxMessage(
-                id=row[0], exchange=row[2], routing_key=row[3], mandatory=bool(row[4]),
+                id=row[0],
+                exchange=row[2],
+                routing_key=row[3],
+                mandatory=bool(row[4]),
                 reply_to=row[5],
-                wire=Wire(body=row[10], content_type=row[8], type=row[6], message_id=row[7],
-                          correlation_id=row[1], timestamp=row[9]),
+                wire=Wire(
+                    body=row[10],
+                    content_type=row[8],
+                    type=row[6],
+                    message_id=row[7],
+                    correlation_id=row[1],
+                    timestamp=row[9],
+                ),
             )
             for row in rows
         ]

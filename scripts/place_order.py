@@ -28,6 +28,7 @@ from messages.models import PlaceOrder, SagaFinished, SagaStatus, parse_money
 from messages.settings import BrokerSettings
 from messages.timeline import format_timeline
 
+FLAGS = {"customer_id": "--customer", "sku": "--sku", "quantity": "--qty", "amount": "--amount"}
 EXIT_CODES = {SagaStatus.COMPLETED: 0, SagaStatus.COMPENSATED: 1, SagaStatus.FAILED: 2}
 
 
@@ -41,19 +42,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sku", required=True, help="stock keeping unit, e.g. item-1")
     parser.add_argument("--qty", type=int, required=True, help="units to order")
     parser.add_argument("--amount", required=True, help="price, e.g. 25.00 or '25.00 USD'")
-    parser.add_argument("--timeout", type=float, default=30.0,
-                        help="seconds to wait for the saga to finish (default 30)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the saga to finish (default 30)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--url", default=None,
-                        help="RabbitMQ URL (default: SAGA_AMQP_URL, else local guest)")
+    parser.add_argument(
+        "--url", default=None, help="RabbitMQ URL (default: SAGA_AMQP_URL, else local guest)"
+    )
     return parser.parse_args(argv)
 
 
 def build_request(args: argparse.Namespace) -> PlaceOrder:
     try:
-        return PlaceOrder(saga_id=uuid4(), customer_id=args.customer, sku=args.sku,
-                          quantity=args.qty, amount=parse_money(args.amount))
-    except (ValidationError, ValueError) as exc:
+        return PlaceOrder(
+            saga_id=uuid4(),
+            customer_id=args.customer,
+            sku=args.sku,
+            quantity=args.qty,
+            amount=parse_money(args.amount),
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{FLAGS.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors()
+        )
+        raise Failure(f"invalid order: {problems}") from exc
+    except ValueError as exc:
         raise Failure(f"invalid order: {exc}") from exc
 
 
@@ -69,15 +85,27 @@ def place(url: str, request: PlaceOrder, timeout: float) -> SagaFinished | None:
         reply_queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
         wire = encode(request)
         properties = pika.BasicProperties(
-            content_type=wire.content_type, type=wire.type, message_id=wire.message_id,
-            correlation_id=wire.correlation_id, delivery_mode=wire.delivery_mode,
-            timestamp=int(wire.timestamp), reply_to=reply_queue)
+            content_type=wire.content_type,
+            type=wire.type,
+            message_id=wire.message_id,
+            correlation_id=wire.correlation_id,
+            delivery_mode=wire.delivery_mode,
+            timestamp=int(wire.timestamp),
+            reply_to=reply_queue,
+        )
         try:
-            channel.basic_publish(topology.REQUESTS_EXCHANGE, topology.REQUEST_ROUTING_KEY,
-                                  wire.body, properties, mandatory=True)
+            channel.basic_publish(
+                topology.REQUESTS_EXCHANGE,
+                topology.REQUEST_ROUTING_KEY,
+                wire.body,
+                properties,
+                mandatory=True,
+            )
         except (pika.exceptions.UnroutableError, pika.exceptions.ChannelClosedByBroker) as exc:
-            raise Failure(f"the broker did not take the request ({exc!r}): is the "
-                          "orchestrator running? It declares the saga queues at start.") from exc
+            raise Failure(
+                f"the broker did not take the request ({exc!r}): is the "
+                "orchestrator running? It declares the saga queues at start."
+            ) from exc
         return _wait(channel, reply_queue, request, timeout)
     finally:
         if connection.is_open:
@@ -92,8 +120,9 @@ def _wait(channel: Any, queue: str, request: PlaceOrder, timeout: float) -> Saga
                 return None
             channel.basic_ack(method.delivery_tag)
             try:
-                message = decode(body, content_type=properties.content_type,
-                                 type_hint=properties.type)
+                message = decode(
+                    body, content_type=properties.content_type, type_hint=properties.type
+                )
             except DecodeError:
                 continue
             if isinstance(message, SagaFinished) and message.saga_id == request.saga_id:
@@ -102,19 +131,27 @@ def _wait(channel: Any, queue: str, request: PlaceOrder, timeout: float) -> Saga
     return None
 
 
-def report(request: PlaceOrder, result: SagaFinished | None, as_json: bool,
-           timeout: float) -> int:
+def report(request: PlaceOrder, result: SagaFinished | None, as_json: bool, timeout: float) -> int:
     if result is None:
         if as_json:
-            print(json.dumps({"saga_id": str(request.saga_id), "status": "TIMED_OUT",
-                              "reason": f"no result within {timeout:g}s", "history": []}))
+            print(
+                json.dumps(
+                    {
+                        "saga_id": str(request.saga_id),
+                        "status": "TIMED_OUT",
+                        "reason": f"no result within {timeout:g}s",
+                        "history": [],
+                    }
+                )
+            )
         else:
-            print(f"saga {request.saga_id}: no result within {timeout:g}s "
-                  f"(see: python -m orchestrator show {request.saga_id})")
+            print(
+                f"saga {request.saga_id}: no result within {timeout:g}s "
+                f"(see: python -m orchestrator show {request.saga_id})"
+            )
         return 2
     if as_json:
-        print(result.model_dump_json(include={"saga_id", "status", "reason", "history"},
-                                     indent=2))
+        print(result.model_dump_json(include={"saga_id", "status", "reason", "history"}, indent=2))
     else:
         reason = f" ({result.reason})" if result.reason else ""
         print(f"saga {result.saga_id}: {result.status}{reason}")

@@ -25,6 +25,7 @@ T = TypeVar("T")
 
 def _pairs(convert: Callable[[str], T]) -> Callable[[str], dict[str, T]]:
     """An argparse type for 'key=value,key=value'."""
+
     def parse(text: str) -> dict[str, T]:
         result = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
@@ -36,6 +37,7 @@ def _pairs(convert: Callable[[str], T]) -> Callable[[str], dict[str, T]]:
             except (ValueError, InvalidOperation):
                 raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {item!r}") from None
         return result
+
     return parse
 
 
@@ -55,17 +57,33 @@ def _limit(text: str) -> Decimal:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: run and stock."""
-    parser = argparse.ArgumentParser(prog="python -m workers",
-                                     description="The saga's participants.")
+    parser = argparse.ArgumentParser(
+        prog="python -m workers", description="The saga's participants."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one participant, or all three in one process")
     run.add_argument("participant", choices=(*NAMES, "all"))
-    run.add_argument("--stock", type=_pairs(_stock_level), default={}, metavar="SKU=N,...",
-                     help="inventory: initial stock for SKUs not stocked yet")
-    run.add_argument("--limit", type=_pairs(_limit), default={}, metavar="CUSTOMER=AMOUNT,...",
-                     help="payment: credit limits for customers not known yet")
-    run.add_argument("--block", type=lambda t: [c for c in t.split(",") if c], default=[],
-                     metavar="CUSTOMER,...", help="order: customers whose orders are refused")
+    run.add_argument(
+        "--stock",
+        type=_pairs(_stock_level),
+        default={},
+        metavar="SKU=N,...",
+        help="inventory: initial stock for SKUs not stocked yet",
+    )
+    run.add_argument(
+        "--limit",
+        type=_pairs(_limit),
+        default={},
+        metavar="CUSTOMER=AMOUNT,...",
+        help="payment: credit limits for customers not known yet",
+    )
+    run.add_argument(
+        "--block",
+        type=lambda t: [c for c in t.split(",") if c],
+        default=[],
+        metavar="CUSTOMER,...",
+        help="order: customers whose orders are refused",
+    )
     stock = sub.add_parser("stock", help="print current stock per SKU")
     stock.add_argument("--json", action="store_true", help="machine-readable output")
     return parser

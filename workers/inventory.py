@@ -36,27 +36,33 @@ def reserve(command: ReserveStock, db: sqlite3.Connection) -> Outcome:
     stock = db.execute("SELECT quantity FROM stock WHERE sku = ?", (command.sku,)).fetchone()
     available = 0 if stock is None else stock[0]
     if available < command.quantity:
-        return Failed("out_of_stock",
-                      f"{command.sku}: {available} available, {command.quantity} requested")
+        return Failed(
+            "out_of_stock", f"{command.sku}: {available} available, {command.quantity} requested"
+        )
     remaining = available - command.quantity
     db.execute("UPDATE stock SET quantity = ? WHERE sku = ?", (remaining, command.sku))
-    db.execute("INSERT INTO reservations VALUES (?, ?, ?, 'reserved')",
-               (saga, command.sku, command.quantity))
+    db.execute(
+        "INSERT INTO reservations VALUES (?, ?, ?, 'reserved')",
+        (saga, command.sku, command.quantity),
+    )
     unit = "unit" if command.quantity == 1 else "units"
-    log.info("Reserved %d %s of %s. Remaining: %d", command.quantity, unit, command.sku,
-             remaining)
+    log.info("Reserved %d %s of %s. Remaining: %d", command.quantity, unit, command.sku, remaining)
     return Succeeded(f"{command.sku} remaining: {remaining}")
 
 
 def release(command: ReleaseStock, db: sqlite3.Connection) -> Outcome:
     """Give the saga's reservation back; leave a tombstone if there was none."""
     saga = str(command.saga_id)
-    row = db.execute("SELECT sku, quantity, status FROM reservations WHERE saga_id = ?",
-                     (saga,)).fetchone()
+    row = db.execute(
+        "SELECT sku, quantity, status FROM reservations WHERE saga_id = ?", (saga,)
+    ).fetchone()
     if row is None:
         db.execute("INSERT INTO reservations VALUES (?, ?, 0, 'released')", (saga, command.sku))
-        log.info("Release for saga %s before any reservation: nothing to give back; "
-                 "a late ReserveStock will be refused", saga)
+        log.info(
+            "Release for saga %s before any reservation: nothing to give back; "
+            "a late ReserveStock will be refused",
+            saga,
+        )
         return Succeeded("nothing was reserved")
     sku, quantity, status = row
     if status == "released":

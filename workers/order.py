@@ -28,22 +28,38 @@ def complete(command: CompleteOrder, db: sqlite3.Connection) -> Outcome:
     saga = str(command.saga_id)
     if db.execute("SELECT 1 FROM orders WHERE saga_id = ?", (saga,)).fetchone():
         return Succeeded("already completed")
-    if db.execute("SELECT 1 FROM blocked_customers WHERE customer_id = ?",
-                  (command.customer_id,)).fetchone():
+    if db.execute(
+        "SELECT 1 FROM blocked_customers WHERE customer_id = ?", (command.customer_id,)
+    ).fetchone():
         return Failed("customer_blocked", f"{command.customer_id} may not place orders")
-    db.execute("INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?)",
-               (saga, command.customer_id, command.sku, command.quantity,
-                str(command.amount.amount), command.amount.currency))
-    log.info("Order for saga %s completed: %d x %s for %s, %s", saga, command.quantity,
-             command.sku, command.customer_id, command.amount)
+    db.execute(
+        "INSERT INTO orders VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            saga,
+            command.customer_id,
+            command.sku,
+            command.quantity,
+            str(command.amount.amount),
+            command.amount.currency,
+        ),
+    )
+    log.info(
+        "Order for saga %s completed: %d x %s for %s, %s",
+        saga,
+        command.quantity,
+        command.sku,
+        command.customer_id,
+        command.amount,
+    )
     return Succeeded("order completed")
 
 
 def seed(db: sqlite3.Connection, blocked: list[str]) -> None:
     """Block these customers (kept across restarts)."""
     with transaction(db):
-        db.executemany("INSERT OR IGNORE INTO blocked_customers VALUES (?)",
-                       [(c,) for c in blocked])
+        db.executemany(
+            "INSERT OR IGNORE INTO blocked_customers VALUES (?)", [(c,) for c in blocked]
+        )
 
 
 ORDER = Participant("order", SCHEMA, {CompleteOrder: complete})

@@ -28,8 +28,7 @@ CREATE TABLE IF NOT EXISTS charges (
 """
 
 
-def charge(command: ChargePayment, db: sqlite3.Connection, *, default_limit: Decimal
-           ) -> Outcome:
+def charge(command: ChargePayment, db: sqlite3.Connection, *, default_limit: Decimal) -> Outcome:
     """Charge the customer, or fail with payment_declined above their credit limit."""
     saga = str(command.saga_id)
     row = db.execute("SELECT status FROM charges WHERE saga_id = ?", (saga,)).fetchone()
@@ -37,15 +36,20 @@ def charge(command: ChargePayment, db: sqlite3.Connection, *, default_limit: Dec
         if row[0] == "refunded":
             return Failed("already_compensated", "the saga's payment was already refunded")
         return Succeeded("already charged")
-    limit_row = db.execute("SELECT max_charge FROM credit_limits WHERE customer_id = ?",
-                           (command.customer_id,)).fetchone()
+    limit_row = db.execute(
+        "SELECT max_charge FROM credit_limits WHERE customer_id = ?", (command.customer_id,)
+    ).fetchone()
     limit = default_limit if limit_row is None else Decimal(limit_row[0])
     money = command.amount
     if money.amount > limit:
-        return Failed("payment_declined",
-                      f"{money} is over the credit limit of {limit:.2f} for {command.customer_id}")
-    db.execute("INSERT INTO charges VALUES (?, ?, ?, ?, 'charged')",
-               (saga, command.customer_id, str(money.amount), money.currency))
+        return Failed(
+            "payment_declined",
+            f"{money} is over the credit limit of {limit:.2f} for {command.customer_id}",
+        )
+    db.execute(
+        "INSERT INTO charges VALUES (?, ?, ?, ?, 'charged')",
+        (saga, command.customer_id, str(money.amount), money.currency),
+    )
     log.info("Charged %s to %s", money, command.customer_id)
     return Succeeded(f"charged {money}")
 
@@ -55,10 +59,15 @@ def refund(command: RefundPayment, db: sqlite3.Connection) -> Outcome:
     saga = str(command.saga_id)
     row = db.execute("SELECT status FROM charges WHERE saga_id = ?", (saga,)).fetchone()
     if row is None:
-        db.execute("INSERT INTO charges VALUES (?, ?, '0', ?, 'refunded')",
-                   (saga, command.customer_id, command.amount.currency))
-        log.info("Refund for saga %s before any charge: nothing to refund; "
-                 "a late ChargePayment will be refused", saga)
+        db.execute(
+            "INSERT INTO charges VALUES (?, ?, '0', ?, 'refunded')",
+            (saga, command.customer_id, command.amount.currency),
+        )
+        log.info(
+            "Refund for saga %s before any charge: nothing to refund; "
+            "a late ChargePayment will be refused",
+            saga,
+        )
         return Succeeded("nothing was charged")
     if row[0] == "refunded":
         return Succeeded("already refunded")
@@ -70,13 +79,19 @@ def refund(command: RefundPayment, db: sqlite3.Connection) -> Outcome:
 def seed(db: sqlite3.Connection, limits: dict[str, Decimal]) -> None:
     """Set credit limits for customers the database does not know yet (first start only)."""
     with transaction(db):
-        db.executemany("INSERT OR IGNORE INTO credit_limits VALUES (?, ?)",
-                       [(customer, str(limit)) for customer, limit in limits.items()])
+        db.executemany(
+            "INSERT OR IGNORE INTO credit_limits VALUES (?, ?)",
+            [(customer, str(limit)) for customer, limit in limits.items()],
+        )
 
 
 def payment(default_limit: Decimal) -> Participant:
     """The payment participant; customers without a limit of their own get ``default_limit``."""
-    return Participant("payment", SCHEMA, {
-        ChargePayment: functools.partial(charge, default_limit=default_limit),
-        RefundPayment: refund,
-    })
+    return Participant(
+        "payment",
+        SCHEMA,
+        {
+            ChargePayment: functools.partial(charge, default_limit=default_limit),
+            RefundPayment: refund,
+        },
+    )

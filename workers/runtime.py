@@ -96,27 +96,35 @@ def apply(participant: Participant, db: sqlite3.Connection, command: Command) ->
     """Handle ``command`` exactly once; a repeat returns the first reply unchanged."""
     handler = participant.handlers.get(type(command))
     if handler is None:
-        raise Rejected("unexpected_type", f"{participant.name} does not handle {command.type}")  # type: ignore[attr-defined]
+        raise Rejected("unexpected_type", f"{participant.name} does not handle {command.type}")
     with transaction(db):
         row = db.execute(
             "SELECT reply FROM processed_commands WHERE command_id = ?",
             (str(command.message_id),),
         ).fetchone()
         if row is not None:
-            log.info("%s %s already processed: answering with the original reply",
-                     command.type, command.message_id)  # type: ignore[attr-defined]
-            reply = decode(row[0])
-            assert isinstance(reply, Reply)
-            return reply
+            log.info(
+                "%s %s already processed: answering with the original reply",
+                command.type,
+                command.message_id,
+            )
+            stored = decode(row[0])
+            assert isinstance(stored, Reply)
+            return stored
         outcome = handler(command, db)
         reply = _reply(participant.name, command, outcome)
         db.execute(
             "INSERT INTO processed_commands VALUES (?, ?, ?, ?, ?)",
-            (str(command.message_id), str(command.saga_id), command.type,  # type: ignore[attr-defined]
-             reply.model_dump_json().encode(), datetime.now(UTC).isoformat()),
+            (
+                str(command.message_id),
+                str(command.saga_id),
+                command.type,
+                reply.model_dump_json().encode(),
+                datetime.now(UTC).isoformat(),
+            ),
         )
     if isinstance(outcome, Failed):
-        log.info("%s refused: %s %s", command.type, outcome.reason, outcome.detail)  # type: ignore[attr-defined]
+        log.info("%s refused: %s %s", command.type, outcome.reason, outcome.detail)
     return reply
 
 
@@ -124,7 +132,7 @@ def _reply(participant: str, command: Command, outcome: Outcome) -> Reply:
     common: dict[str, Any] = {
         "saga_id": command.saga_id,
         "command_id": command.message_id,
-        "command_type": command.type,  # type: ignore[attr-defined]
+        "command_type": command.type,
         "participant": participant,
         "detail": outcome.detail,
     }
@@ -133,8 +141,12 @@ def _reply(participant: str, command: Command, outcome: Outcome) -> Reply:
     return CommandSucceeded(**common)
 
 
-async def serve(participants: list[Participant], dbs: Mapping[str, sqlite3.Connection],
-                connection: AbstractRobustConnection, settings: BrokerSettings) -> None:
+async def serve(
+    participants: list[Participant],
+    dbs: Mapping[str, sqlite3.Connection],
+    connection: AbstractRobustConnection,
+    settings: BrokerSettings,
+) -> None:
     """Consume each participant's command queue on its own channel; reply with confirms."""
     publish_channel = await connection.channel(publisher_confirms=True)
     exchanges = await amqp.declare_topology(publish_channel)
@@ -147,8 +159,9 @@ async def serve(participants: list[Participant], dbs: Mapping[str, sqlite3.Conne
         log.info("%s ready: consuming %s", participant.name, queue)
 
 
-def _on_command(participant: Participant, db: sqlite3.Connection, exchanges: Exchanges
-                ) -> amqp.Handler:
+def _on_command(
+    participant: Participant, db: sqlite3.Connection, exchanges: Exchanges
+) -> amqp.Handler:
     async def on_command(message: AnyMessage, incoming: AbstractIncomingMessage) -> None:
         if not isinstance(message, Command):
             raise Rejected("unexpected_type", f"{message.type} is not a command")
@@ -156,4 +169,5 @@ def _on_command(participant: Participant, db: sqlite3.Connection, exchanges: Exc
         # Not acked until the reply is confirmed: a crash here means a redelivery, which
         # the dedupe record answers with this same reply.
         await amqp.publish(exchanges.replies, reply, topology.REPLY_ROUTING_KEY)
+
     return on_command

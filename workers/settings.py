@@ -14,7 +14,8 @@ class WorkerSettings(ServiceSettings):
     """Everything `python -m workers` reads from the environment."""
 
     default_credit_limit: Decimal = Field(
-        default=Decimal("1000.00"), gt=0,
+        default=Decimal("1000.00"),
+        gt=0,
         description="Largest charge payment accepts from a customer with no limit of their own",
     )
 

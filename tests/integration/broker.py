@@ -1,0 +1,111 @@
+"""A real RabbitMQ for the tests: the one at SAGA_TEST_AMQP_URL, else a testcontainers one.
+
+Each test gets its own vhost, made and removed through the management HTTP API, so tests
+never see each other's queues and the production code needs no test-only naming.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+HOW_TO = (
+    "Integration tests need a real RabbitMQ with the management plugin. Either set "
+    "SAGA_TEST_AMQP_URL (e.g. amqp://guest:guest@127.0.0.1:5672/, and SAGA_TEST_MANAGEMENT_URL "
+    "if the management API is not on port 15672 of the same host), or make Docker available "
+    "so testcontainers can start rabbitmq:4-management."
+)
+
+
+@dataclass(frozen=True)
+class Broker:
+    """Where the broker is, and how to manage vhosts on it."""
+
+    amqp_url: str
+    management_url: str
+
+    @classmethod
+    def from_url(cls, amqp_url: str, management_url: str | None = None) -> Broker:
+        parts = urlsplit(amqp_url)
+        default = f"http://{parts.hostname}:15672"
+        return cls(amqp_url, (management_url or default).rstrip("/"))
+
+    def url_for(self, vhost: str) -> str:
+        """The AMQP URL of ``vhost`` on this broker."""
+        parts = urlsplit(self.amqp_url)
+        return urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), "", ""))
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        """Call the management HTTP API with the AMQP URL's credentials."""
+        parts = urlsplit(self.amqp_url)
+        token = base64.b64encode(f"{parts.username}:{parts.password}".encode()).decode()
+        request = urllib.request.Request(
+            self.management_url + "/api/" + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Basic {token}", "content-type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            payload = response.read()
+        return json.loads(payload) if payload else None
+
+    def check(self) -> None:
+        """Fail with instructions if the management API does not answer."""
+        try:
+            self.api("GET", "overview")
+        except (urllib.error.URLError, OSError) as exc:
+            raise RuntimeError(
+                f"RabbitMQ management API at {self.management_url} does not "
+                f"answer ({exc}). {HOW_TO}"
+            ) from exc
+
+    def create_vhost(self, name: str) -> None:
+        user = urlsplit(self.amqp_url).username
+        self.api("PUT", f"vhosts/{quote(name, safe='')}", {})
+        self.api(
+            "PUT",
+            f"permissions/{quote(name, safe='')}/{user}",
+            {"configure": ".*", "write": ".*", "read": ".*"},
+        )
+
+    def delete_vhost(self, name: str) -> None:
+        self.api("DELETE", f"vhosts/{quote(name, safe='')}")
+
+
+def start_container() -> tuple[Broker, Any]:
+    """A broker in Docker via testcontainers; raises RuntimeError with instructions if none."""
+    try:
+        from testcontainers.community.rabbitmq import RabbitMqContainer
+
+        container = RabbitMqContainer("rabbitmq:4-management").with_exposed_ports(15672)
+        container.start()
+    except Exception as exc:
+        raise RuntimeError(f"testcontainers could not start RabbitMQ ({exc!r}). {HOW_TO}") from exc
+    host = container.get_container_host_ip()
+    amqp = f"amqp://guest:guest@{host}:{container.get_exposed_port(5672)}/"
+    broker = Broker(amqp, f"http://{host}:{container.get_exposed_port(15672)}")
+    deadline = time.monotonic() + 60
+    while True:  # the management plugin starts a little after AMQP answers
+        try:
+            broker.check()
+            return broker, container
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                container.stop()
+                raise
+            time.sleep(0.5)
+
+
+def from_environment() -> Broker | None:
+    """The broker named by SAGA_TEST_AMQP_URL, if set."""
+    url = os.environ.get("SAGA_TEST_AMQP_URL")
+    if not url:
+        return None
+    return Broker.from_url(url, os.environ.get("SAGA_TEST_MANAGEMENT_URL"))
