@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from messages.errors import ConfigurationError
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load(cls: type[S]) -> S:
+    """Read settings from the environment; a bad value is a ConfigurationError naming it."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"SAGA_{str(e['loc'][0]).upper()}={e['input']!r}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigurationError(f"invalid setting: {problems}") from exc
 
 
 class BrokerSettings(BaseSettings):
@@ -23,7 +39,9 @@ class BrokerSettings(BaseSettings):
     connect_retry_s: float = Field(
         default=2.0, gt=0, description="Wait between attempts to reach the broker"
     )
-    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="DEBUG, INFO, WARNING or ERROR"
+    )
 
 
 class ServiceSettings(BrokerSettings):

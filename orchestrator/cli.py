@@ -12,6 +12,7 @@ from messages import logs
 from messages.errors import SagaError, SagaNotFoundError
 from messages.models import SagaStatus
 from messages.service import run_service
+from messages.settings import load
 from messages.timeline import format_timeline
 from orchestrator.engine import SagaState
 from orchestrator.runtime import Orchestrator
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
     try:
-        settings = OrchestratorSettings()
+        settings = load(OrchestratorSettings)
         logs.configure(settings.log_level)
         if args.command == "run":
             return _run(settings)

@@ -23,9 +23,9 @@ from pydantic import ValidationError
 from messages import topology
 from messages.amqp import redact
 from messages.codec import decode, encode
-from messages.errors import DecodeError
+from messages.errors import ConfigurationError, DecodeError
 from messages.models import PlaceOrder, SagaFinished, SagaStatus, parse_money
-from messages.settings import BrokerSettings
+from messages.settings import BrokerSettings, load
 from messages.timeline import format_timeline
 
 FLAGS = {"customer_id": "--customer", "sku": "--sku", "quantity": "--qty", "amount": "--amount"}
@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         request = build_request(args)
-        url = args.url or BrokerSettings().amqp_url
+        url = args.url or load(BrokerSettings).amqp_url
         result = place(url, request, args.timeout)
-    except Failure as exc:
+    except (Failure, ConfigurationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return report(request, result, args.json, args.timeout)

@@ -14,6 +14,7 @@ from typing import TypeVar
 from messages import amqp, logs
 from messages.errors import ConfigurationError, SagaError
 from messages.service import run_service
+from messages.settings import load
 from orchestrator.store import open_sqlite
 from workers import inventory, order, payment
 from workers.runtime import Participant, open_db, serve
@@ -138,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
     try:
-        settings = WorkerSettings()
+        settings = load(WorkerSettings)
         logs.configure(settings.log_level)
         if args.command == "stock":
             return _stock(settings, args.json)
