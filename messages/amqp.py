@@ -24,7 +24,7 @@ from yarl import URL
 
 from messages import topology
 from messages.codec import Wire, decode, encode
-from messages.errors import DecodeError, PublishFailedError, SagaError
+from messages.errors import DecodeError, PublishFailedError, Rejected
 from messages.logs import saga_context
 from messages.models import AnyMessage, Envelope
 from messages.settings import BrokerSettings
@@ -38,18 +38,6 @@ BROKER_ERRORS = (
     ConnectionError,
     TimeoutError,
 )
-
-
-class Rejected(SagaError):
-    """Raised by a message handler when a well-formed message does not belong here.
-
-    The delivery is dead-lettered with ``reason`` and ``detail`` in its headers.
-    """
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def redact(url: str) -> str:

@@ -57,7 +57,8 @@ def decode(
     """
     if len(body) > max_bytes:
         raise DecodeError("too_large", f"{len(body)} bytes is over the limit of {max_bytes}")
-    if content_type not in (None, "", CONTENT_TYPE):
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type not in ("", CONTENT_TYPE):
         raise DecodeError("bad_content_type", f"expected {CONTENT_TYPE}, got {content_type!r}")
     if type_hint and type_hint not in MESSAGE_TYPES:
         raise DecodeError("unknown_type", f"unknown message type {type_hint!r}")

@@ -17,10 +17,6 @@ class DecodeError(SagaError):
         self.detail = detail
 
 
-class BrokerUnavailableError(SagaError):
-    """Raised when the broker cannot be reached or refuses our credentials."""
-
-
 class PublishFailedError(SagaError):
     """Raised when the broker did not confirm a publish (nack, unroutable or channel lost)."""
 
@@ -31,3 +27,19 @@ class ConfigurationError(SagaError):
 
 class SagaNotFoundError(SagaError):
     """Raised when a saga id names no saga in the store."""
+
+
+class Rejected(SagaError):
+    """Raised by a message handler when a well-formed message does not belong here.
+
+    The delivery is dead-lettered with ``reason`` and ``detail`` in its headers.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ConcurrentUpdateError(SagaError):
+    """Raised when a saga changed in the store since it was read (another writer won)."""

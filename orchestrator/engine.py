@@ -43,7 +43,7 @@ class SagaState(BaseModel):
     pending: UUID | None = None  # id of the command whose reply we wait for
     deadline: datetime | None = None
     to_compensate: tuple[int, ...] = ()  # steps still to undo after the current one
-    unanswered: tuple[str, ...] = ()  # compensations that never got a reply
+    unanswered: tuple[str, ...] = ()  # compensations that never succeeded, and why
     reason: str | None = None
     history: tuple[HistoryEntry, ...] = ()
     created_at: datetime
@@ -123,7 +123,8 @@ def on_reply(definition: SagaDefinition, state: SagaState, reply: Reply, now: da
     else:
         assert isinstance(reply, CommandFailed)
         state = _record(state, now, step.name, "compensation_failed", _reason_text(reply))
-        state = state.model_copy(update={"unanswered": (*state.unanswered, _reason_text(reply))})
+        refused = f"{reply.command_type} refused: {_reason_text(reply)}"
+        state = state.model_copy(update={"unanswered": (*state.unanswered, refused)})
     return _next_compensation(definition, state, now)
 
 

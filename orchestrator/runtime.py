@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from messages import amqp, topology
-from messages.amqp import Exchanges, Rejected
+from messages.amqp import Exchanges
 from messages.codec import encode
-from messages.errors import PublishFailedError
+from messages.errors import PublishFailedError, Rejected
 from messages.logs import saga_context
 from messages.models import AnyMessage, PlaceOrder, Reply
 from orchestrator import engine

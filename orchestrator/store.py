@@ -10,19 +10,15 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 from uuid import UUID
 
 from messages.codec import Wire
-from messages.errors import SagaError
+from messages.errors import ConcurrentUpdateError, SagaError
 from messages.models import SagaStatus
 from orchestrator.engine import SagaState
-
-
-class ConcurrentUpdateError(SagaError):
-    """Raised when a saga changed in the store since it was read (another writer won)."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +96,7 @@ def open_sqlite(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         if not path.exists():
             raise SagaError(f"no store at {path}: has the service run with this SAGA_DATA_DIR?")
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path)
@@ -137,6 +133,10 @@ class SqliteStore:
         )
         with self._db:
             if state.version == 0:
+                if self._db.execute(
+                    "SELECT 1 FROM sagas WHERE saga_id = ?", (str(state.saga_id),)
+                ).fetchone():
+                    raise ConcurrentUpdateError(f"saga {state.saga_id} already exists")
                 self._db.execute(
                     "INSERT INTO sagas (status, deadline, version, updated_at, state, saga_id,"
                     " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -221,8 +221,3 @@ class SqliteStore:
 
     def close(self) -> None:
         self._db.close()
-
-
-def utc(ts: float) -> datetime:
-    """A stored timestamp back as an aware datetime."""
-    return datetime.fromtimestamp(ts, UTC)

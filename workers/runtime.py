@@ -19,8 +19,9 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from messages import amqp, topology
-from messages.amqp import Exchanges, Rejected
+from messages.amqp import Exchanges
 from messages.codec import decode
+from messages.errors import Rejected
 from messages.models import AnyMessage, Command, CommandFailed, CommandSucceeded, Reply
 from messages.settings import BrokerSettings
 

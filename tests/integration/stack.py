@@ -153,7 +153,7 @@ class Stack:
     def query(self, participant: str, sql: str, *args: object) -> list[tuple[Any, ...]]:
         """Read a service's own SQLite file (read-only)."""
         path = self.data_dir / f"{participant}.db"
-        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
             return db.execute(sql, args).fetchall()
 
     def stock(self, sku: str) -> int:

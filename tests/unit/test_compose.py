@@ -161,7 +161,7 @@ def env_errors(module: str, env: Mapping[str, str]) -> list[str]:
         f"{key} is not a setting of {settings_class.__name__}"
         for key in env
         if key.upper().startswith(prefix)
-        and key[len(prefix):].lower() not in settings_class.model_fields
+        and key[len(prefix) :].lower() not in settings_class.model_fields
     ]
 
 
