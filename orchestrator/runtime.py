@@ -1,33 +1,36 @@
 """The orchestrator's I/O: consume requests and replies, fire deadlines, relay the outbox.
 
 Every event follows the same path: load the saga, ask the engine, commit the new state and
-its outgoing messages in one transaction, then ack. The outbox relay publishes what was
-committed, with confirms, and deletes each row only once the broker has it.
+its outgoing messages in one transaction, then ack. Events that arrive in the same loop turn
+share one transaction (group commit). The outbox relay publishes what was committed, with
+confirms, and deletes each row only once the broker has it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime
+from uuid import UUID
 
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage
 
 from messages import amqp, topology
-from messages.amqp import Exchanges
+from messages.batching import GroupCommit
 from messages.codec import encode
-from messages.errors import PublishFailedError, Rejected
+from messages.errors import Rejected
 from messages.logs import saga_context
 from messages.models import AnyMessage, PlaceOrder, Reply
 from orchestrator import engine
 from orchestrator.definition import RetryPolicy, SagaDefinition, order_saga
+from orchestrator.relay import OutboxRelay
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.store import OutboxMessage, SagaStore
 
 log = logging.getLogger(__name__)
 
-RELAY_BATCH = 256
+DUE_BATCH = 256  # sagas whose deadline passed, handled per timer tick
 
 
 def definition_from(settings: OrchestratorSettings) -> SagaDefinition:
@@ -74,7 +77,11 @@ class Orchestrator:
         self.settings = settings
         self.store = store
         self.definition = definition_from(settings)
-        self._outbox_ready = asyncio.Event()
+        self._group: GroupCommit[engine.Decision, None] = GroupCommit(self._commit)
+        # Decided but not yet committed: a second event for the same saga in the same
+        # batch must build on the first one's state, not on the stored one.
+        self._uncommitted: dict[UUID, engine.SagaState] = {}
+        self._relay: OutboxRelay | None = None
 
     def now(self) -> datetime:
         return datetime.now(UTC)
@@ -90,17 +97,24 @@ class Orchestrator:
             depth = self.store.outbox_depth()
             if depth:
                 log.info("resuming: %d outbox message(s) to republish", depth)
-            self._outbox_ready.set()
+            self._relay = OutboxRelay(
+                self.store,
+                {
+                    topology.COMMANDS_EXCHANGE: exchanges.commands,
+                    topology.EVENTS_EXCHANGE: exchanges.events,
+                    "": exchanges.default,
+                },
+                self.settings.connect_retry_s,
+            )
             tasks = [
-                asyncio.create_task(self._relay(exchanges), name="outbox-relay"),
+                asyncio.create_task(self._relay.run(), name="outbox-relay"),
                 asyncio.create_task(self._timer(), name="deadline-timer"),
             ]
-            await amqp.consume(
-                consume_channel, topology.REQUESTS_QUEUE, exchanges, self.on_request, self.settings
-            )
-            await amqp.consume(
-                consume_channel, topology.REPLIES_QUEUE, exchanges, self.on_reply, self.settings
-            )
+            for queue, handler in (
+                (topology.REQUESTS_QUEUE, self.on_request),
+                (topology.REPLIES_QUEUE, self.on_reply),
+            ):
+                await amqp.consume(consume_channel, queue, exchanges, handler, self.settings)
             log.info(
                 "orchestrator ready: consuming %s and %s",
                 topology.REQUESTS_QUEUE,
@@ -116,77 +130,62 @@ class Orchestrator:
         """A PlaceOrder starts a saga; a repeated one (same saga id) is dropped."""
         if not isinstance(message, PlaceOrder):
             raise Rejected("unexpected_type", f"{message.type} does not belong on requests")
-        existing = self.store.get(message.saga_id)
-        if existing is not None:
-            log.info("dropping repeated request: saga is already %s", existing.status)
-            return
-        self._apply(engine.start(self.definition, message, incoming.reply_to, self.now()))
+
+        def decide(state: engine.SagaState | None) -> engine.Decision:
+            if state is not None:
+                return engine.Decision(state, ignored=f"repeated request: saga is {state.status}")
+            return engine.start(self.definition, message, incoming.reply_to, self.now())
+
+        await self._decide(message.saga_id, decide)
 
     async def on_reply(self, message: AnyMessage, incoming: AbstractIncomingMessage) -> None:
         """Apply a participant's reply to its saga."""
         if not isinstance(message, Reply):
             raise Rejected("unexpected_type", f"{message.type} does not belong on replies")
-        state = self.store.get(message.saga_id)
-        if state is None:
-            raise Rejected("unknown_saga", f"no saga {message.saga_id}")
-        decision = engine.on_reply(self.definition, state, message, self.now())
-        self._apply(decision, len(state.history))
 
-    def _apply(self, decision: engine.Decision, seen: int = 0) -> None:
-        """Commit a decision; ``seen`` is how many history entries were logged before."""
+        def decide(state: engine.SagaState | None) -> engine.Decision:
+            if state is None:
+                raise Rejected("unknown_saga", f"no saga {message.saga_id}")
+            return engine.on_reply(self.definition, state, message, self.now())
+
+        await self._decide(message.saga_id, decide)
+
+    async def _decide(
+        self, saga_id: UUID, decide: Callable[[engine.SagaState | None], engine.Decision]
+    ) -> None:
+        """Run the engine on the saga's latest state; return once the result is committed."""
+        state = self._uncommitted.get(saga_id) or self.store.get(saga_id)
+        decision = decide(state)
         if decision.ignored:
             log.info("event dropped: %s", decision.ignored)
             return
-        self.store.commit(decision.state, to_outbox(decision))
+        seen = len(state.history) if state else 0
         for entry in decision.state.history[seen:]:
             log.info("%s: %s %s", entry.step, entry.event, entry.detail)
-        self._outbox_ready.set()
+        new = decision.state
+        self._uncommitted[saga_id] = new.model_copy(update={"version": new.version + 1})
+        await self._group.submit(decision)
+
+    def _commit(self, decisions: list[engine.Decision]) -> list[None]:
+        try:
+            self.store.commit_many([(d.state, to_outbox(d)) for d in decisions])
+        finally:
+            self._uncommitted.clear()  # committed, or failed and to be redelivered
+        if self._relay is not None:
+            self._relay.wake()
+        return [None] * len(decisions)
 
     async def _timer(self) -> None:
         while True:
             await asyncio.sleep(self.settings.tick_s)
             now = self.now()
-            for state in self.store.due(now, limit=RELAY_BATCH):
-                with saga_context(state.saga_id):
-                    decision = engine.on_deadline(self.definition, state, now)
-                    self._apply(decision, len(state.history))
+            due = self.store.due(now, limit=DUE_BATCH)
+            await asyncio.gather(*(self._expire(state.saga_id, now) for state in due))
 
-    async def _relay(self, exchanges: Exchanges) -> None:
-        by_name = {
-            topology.COMMANDS_EXCHANGE: exchanges.commands,
-            topology.EVENTS_EXCHANGE: exchanges.events,
-            "": exchanges.default,
-        }
-        backoff = self.settings.connect_retry_s
-        while True:
-            await self._outbox_ready.wait()
-            self._outbox_ready.clear()
-            while batch := self.store.outbox(RELAY_BATCH):
-                sent = await self._publish_all(by_name, batch)
-                self.store.outbox_done(sent)
-                if len(sent) < len(batch):
-                    # The broker is away or refusing: try again shortly, keeping the rest.
-                    await asyncio.sleep(backoff)
+    async def _expire(self, saga_id: UUID, now: datetime) -> None:
+        def decide(state: engine.SagaState | None) -> engine.Decision:
+            assert state is not None, "the store listed it as due"
+            return engine.on_deadline(self.definition, state, now)
 
-    async def _publish_all(
-        self, by_name: dict[str, AbstractExchange], batch: Sequence[OutboxMessage]
-    ) -> list[int]:
-        """Publish a batch concurrently (confirms arrive asynchronously); return what landed."""
-
-        async def one(row: OutboxMessage) -> int | None:
-            try:
-                await amqp.publish(
-                    by_name[row.exchange],
-                    row.wire,
-                    row.routing_key,
-                    mandatory=row.mandatory,
-                    reply_to=row.reply_to,
-                )
-            except PublishFailedError as exc:
-                with saga_context(row.wire.correlation_id):
-                    log.warning("outbox publish failed, will retry: %s", exc)
-                return None
-            return row.id
-
-        results = await asyncio.gather(*(one(row) for row in batch))
-        return [i for i in results if i is not None]
+        with saga_context(saga_id):
+            await self._decide(saga_id, decide)

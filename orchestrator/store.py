@@ -46,9 +46,13 @@ class SagaStore(Protocol):
         """
         ...
 
+    def commit_many(self, changes: Sequence[tuple[SagaState, Sequence[OutboxMessage]]]) -> None:
+        """Commit several (state, outbox) changes in one transaction: all or none."""
+        ...
+
     def due(self, now: datetime, limit: int) -> list[SagaState]: ...
 
-    def outbox(self, limit: int) -> list[OutboxMessage]: ...
+    def outbox(self, limit: int, after: int = 0) -> list[OutboxMessage]: ...
 
     def outbox_done(self, ids: Iterable[int]) -> None: ...
 
@@ -122,6 +126,15 @@ class SqliteStore:
         return None if row is None else SagaState.model_validate_json(row[0])
 
     def commit(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> SagaState:
+        self.commit_many([(state, outbox)])
+        return state.model_copy(update={"version": state.version + 1})
+
+    def commit_many(self, changes: Sequence[tuple[SagaState, Sequence[OutboxMessage]]]) -> None:
+        with self._db:
+            for state, outbox in changes:
+                self._write(state, outbox)
+
+    def _write(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> None:
         stored = state.model_copy(update={"version": state.version + 1})
         values = (
             stored.status.value,
@@ -131,45 +144,43 @@ class SqliteStore:
             stored.model_dump_json(),
             str(stored.saga_id),
         )
-        with self._db:
-            if state.version == 0:
-                if self._db.execute(
-                    "SELECT 1 FROM sagas WHERE saga_id = ?", (str(state.saga_id),)
-                ).fetchone():
-                    raise ConcurrentUpdateError(f"saga {state.saga_id} already exists")
-                self._db.execute(
-                    "INSERT INTO sagas (status, deadline, version, updated_at, state, saga_id,"
-                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (*values, _ts(stored.created_at)),
-                )
-            else:
-                updated = self._db.execute(
-                    "UPDATE sagas SET status = ?, deadline = ?, version = ?, updated_at = ?,"
-                    " state = ? WHERE saga_id = ? AND version = ?",
-                    (*values, state.version),
-                ).rowcount
-                if updated != 1:
-                    raise ConcurrentUpdateError(f"saga {state.saga_id} changed since it was read")
-            self._db.executemany(
-                "INSERT INTO outbox (saga_id, exchange, routing_key, mandatory, reply_to, type,"
-                " message_id, content_type, timestamp, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        str(state.saga_id),
-                        m.exchange,
-                        m.routing_key,
-                        int(m.mandatory),
-                        m.reply_to,
-                        m.wire.type,
-                        m.wire.message_id,
-                        m.wire.content_type,
-                        m.wire.timestamp,
-                        m.wire.body,
-                    )
-                    for m in outbox
-                ],
+        if state.version == 0:
+            if self._db.execute(
+                "SELECT 1 FROM sagas WHERE saga_id = ?", (str(state.saga_id),)
+            ).fetchone():
+                raise ConcurrentUpdateError(f"saga {state.saga_id} already exists")
+            self._db.execute(
+                "INSERT INTO sagas (status, deadline, version, updated_at, state, saga_id,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (*values, _ts(stored.created_at)),
             )
-        return stored
+        else:
+            updated = self._db.execute(
+                "UPDATE sagas SET status = ?, deadline = ?, version = ?, updated_at = ?,"
+                " state = ? WHERE saga_id = ? AND version = ?",
+                (*values, state.version),
+            ).rowcount
+            if updated != 1:
+                raise ConcurrentUpdateError(f"saga {state.saga_id} changed since it was read")
+        self._db.executemany(
+            "INSERT INTO outbox (saga_id, exchange, routing_key, mandatory, reply_to, type,"
+            " message_id, content_type, timestamp, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            [
+                (
+                    str(state.saga_id),
+                    m.exchange,
+                    m.routing_key,
+                    int(m.mandatory),
+                    m.reply_to,
+                    m.wire.type,
+                    m.wire.message_id,
+                    m.wire.content_type,
+                    m.wire.timestamp,
+                    m.wire.body,
+                )
+                for m in outbox
+            ],
+        )
 
     def due(self, now: datetime, limit: int) -> list[SagaState]:
         rows = self._db.execute(
@@ -178,11 +189,11 @@ class SqliteStore:
         ).fetchall()
         return [SagaState.model_validate_json(row[0]) for row in rows]
 
-    def outbox(self, limit: int) -> list[OutboxMessage]:
+    def outbox(self, limit: int, after: int = 0) -> list[OutboxMessage]:
         rows = self._db.execute(
             "SELECT id, saga_id, exchange, routing_key, mandatory, reply_to, type, message_id,"
-            " content_type, timestamp, body FROM outbox ORDER BY id LIMIT ?",
-            (limit,),
+            " content_type, timestamp, body FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            (after, limit),
         ).fetchall()
         return [
             OutboxMessage(

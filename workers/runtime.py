@@ -7,6 +7,7 @@ a redelivered command gets the original reply back and has no second effect.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping
@@ -20,8 +21,10 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from messages import amqp, topology
 from messages.amqp import Exchanges
+from messages.batching import GroupCommit
 from messages.codec import decode
 from messages.errors import Rejected
+from messages.logs import saga_context
 from messages.models import AnyMessage, Command, CommandFailed, CommandSucceeded, Reply
 from messages.settings import BrokerSettings
 
@@ -93,37 +96,57 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("COMMIT")
 
 
-def apply(participant: Participant, db: sqlite3.Connection, command: Command) -> Reply:
+def apply_batch(
+    participant: Participant, db: sqlite3.Connection, commands: list[Command]
+) -> list[Reply | Exception]:
+    """Handle commands in one transaction (one fsync), each exactly once.
+
+    Each command runs in its own savepoint, so one that raises is undone alone and gets its
+    exception back while the others commit.
+    """
+    results: list[Reply | Exception] = []
+    with transaction(db):
+        for command in commands:
+            with saga_context(command.saga_id):
+                db.execute("SAVEPOINT command")
+                try:
+                    results.append(_apply(participant, db, command))
+                except Exception as exc:
+                    db.execute("ROLLBACK TO command")
+                    results.append(exc)
+                db.execute("RELEASE command")
+    return results
+
+
+def _apply(participant: Participant, db: sqlite3.Connection, command: Command) -> Reply:
     """Handle ``command`` exactly once; a repeat returns the first reply unchanged."""
     handler = participant.handlers.get(type(command))
     if handler is None:
         raise Rejected("unexpected_type", f"{participant.name} does not handle {command.type}")
-    with transaction(db):
-        row = db.execute(
-            "SELECT reply FROM processed_commands WHERE command_id = ?",
-            (str(command.message_id),),
-        ).fetchone()
-        if row is not None:
-            log.info(
-                "%s %s already processed: answering with the original reply",
-                command.type,
-                command.message_id,
-            )
-            stored = decode(row[0])
-            assert isinstance(stored, Reply)
-            return stored
-        outcome = handler(command, db)
-        reply = _reply(participant.name, command, outcome)
-        db.execute(
-            "INSERT INTO processed_commands VALUES (?, ?, ?, ?, ?)",
-            (
-                str(command.message_id),
-                str(command.saga_id),
-                command.type,
-                reply.model_dump_json().encode(),
-                datetime.now(UTC).isoformat(),
-            ),
+    row = db.execute(
+        "SELECT reply FROM processed_commands WHERE command_id = ?", (str(command.message_id),)
+    ).fetchone()
+    if row is not None:
+        log.info(
+            "%s %s already processed: answering with the original reply",
+            command.type,
+            command.message_id,
         )
+        stored = decode(row[0])
+        assert isinstance(stored, Reply)
+        return stored
+    outcome = handler(command, db)
+    reply = _reply(participant.name, command, outcome)
+    db.execute(
+        "INSERT INTO processed_commands VALUES (?, ?, ?, ?, ?)",
+        (
+            str(command.message_id),
+            str(command.saga_id),
+            command.type,
+            reply.model_dump_json().encode(),
+            datetime.now(UTC).isoformat(),
+        ),
+    )
     if isinstance(outcome, Failed):
         log.info("%s refused: %s %s", command.type, outcome.reason, outcome.detail)
     return reply
@@ -163,10 +186,14 @@ async def serve(
 def _on_command(
     participant: Participant, db: sqlite3.Connection, exchanges: Exchanges
 ) -> amqp.Handler:
+    group: GroupCommit[Command, Reply] = GroupCommit(
+        functools.partial(apply_batch, participant, db)
+    )
+
     async def on_command(message: AnyMessage, incoming: AbstractIncomingMessage) -> None:
         if not isinstance(message, Command):
             raise Rejected("unexpected_type", f"{message.type} is not a command")
-        reply = apply(participant, db, message)
+        reply = await group.submit(message)
         # Not acked until the reply is confirmed: a crash here means a redelivery, which
         # the dedupe record answers with this same reply.
         await amqp.publish(exchanges.replies, reply, topology.REPLY_ROUTING_KEY)

@@ -1,0 +1,107 @@
+"""The outbox relay: publish committed messages, forget them once the broker confirms.
+
+Publishing never waits for the previous confirm: rows go out as soon as they are committed,
+confirms come back asynchronously, and confirmed rows are deleted in batches. A row whose
+publish fails stays in the outbox and is sent again (participants dedupe by command id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aio_pika.abc import AbstractExchange
+
+from messages import amqp
+from messages.errors import PublishFailedError
+from messages.logs import saga_context
+from orchestrator.store import OutboxMessage, SagaStore
+
+log = logging.getLogger(__name__)
+
+BATCH = 512
+MAX_IN_FLIGHT = 4096  # unconfirmed publishes at once; bounds memory under a slow broker
+IDLE_FLUSH_S = 0.05  # how long confirmed rows may wait to be deleted when nothing else happens
+
+
+class OutboxRelay:
+    """Runs until cancelled; ``wake()`` after each commit that queued messages."""
+
+    def __init__(
+        self, store: SagaStore, exchanges: dict[str, AbstractExchange], retry_s: float
+    ) -> None:
+        self.store = store
+        self.exchanges = exchanges
+        self.retry_s = retry_s
+        self._ready = asyncio.Event()
+        self._ready.set()  # whatever a previous run left in the outbox goes first
+        self._cursor = 0  # highest row id handed to a publish
+        self._confirmed: list[int] = []
+        self._failed = False
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def wake(self) -> None:
+        self._ready.set()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                if self._failed:
+                    await self._recover()
+                self._ready.clear()
+                rows = self.store.outbox(BATCH, after=self._cursor)
+                if not rows:
+                    self._flush()
+                    await self._idle()
+                    continue
+                for row in rows:
+                    await self._slots.acquire()
+                    self._cursor = row.id or self._cursor
+                    task = asyncio.create_task(self._publish(row))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                if len(self._confirmed) >= BATCH:
+                    self._flush()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+
+    async def _idle(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), IDLE_FLUSH_S)
+
+    async def _publish(self, row: OutboxMessage) -> None:
+        try:
+            await amqp.publish(
+                self.exchanges[row.exchange],
+                row.wire,
+                row.routing_key,
+                mandatory=row.mandatory,
+                reply_to=row.reply_to,
+            )
+        except PublishFailedError as exc:
+            with saga_context(row.wire.correlation_id):
+                log.warning("outbox publish failed, will retry: %s", exc)
+            self._failed = True
+            self._ready.set()
+        else:
+            assert row.id is not None
+            self._confirmed.append(row.id)
+        finally:
+            self._slots.release()
+
+    async def _recover(self) -> None:
+        """After a failed publish: let the rest settle, wait, then resend all unconfirmed."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+        self._flush()
+        await asyncio.sleep(self.retry_s)
+        self._failed = False
+        self._cursor = 0
+
+    def _flush(self) -> None:
+        if self._confirmed:
+            done, self._confirmed = self._confirmed, []
+            self.store.outbox_done(done)
