@@ -205,7 +205,7 @@ async def consume(
         except DecodeError as exc:
             await _reject(incoming, exc.reason, exc.detail)
             return
-        with saga_context(message.saga_id):
+        with saga_context(message.saga_id, step=message.type, message_id=message.message_id):
             try:
                 await handler(message, incoming)
             except Rejected as exc:

@@ -164,6 +164,36 @@ class CommandFailed(Reply):
     detail: str = Field(default="", max_length=500)
 
 
+# --- operator actions (saga CLI -> orchestrator) ------------------------------------------
+
+
+class OperatorAction(Envelope):
+    """Base of the actions an operator asks the orchestrator to take on one saga."""
+
+    reason: str = Field(min_length=1, max_length=500, description="Why, for the history")
+    requested_by: str = Field(min_length=1, max_length=100, description="Who asked")
+
+
+class AbortSaga(OperatorAction):
+    """Compensate a RUNNING saga now."""
+
+    type: Literal["AbortSaga"] = "AbortSaga"
+
+
+class RetrySaga(OperatorAction):
+    """Re-drive a FAILED saga from where it stopped."""
+
+    type: Literal["RetrySaga"] = "RetrySaga"
+
+
+class ActionRefused(Envelope):
+    """Reply to an operator action the saga's state does not allow; nothing changed."""
+
+    type: Literal["ActionRefused"] = "ActionRefused"
+    action: str = Field(max_length=64)
+    detail: str = Field(max_length=500)
+
+
 # --- the result ------------------------------------------------------------------------------
 
 
@@ -211,6 +241,9 @@ AnyMessage = Annotated[
     | CompleteOrder
     | CommandSucceeded
     | CommandFailed
+    | AbortSaga
+    | RetrySaga
+    | ActionRefused
     | SagaFinished,
     Field(discriminator="type"),
 ]
@@ -226,6 +259,9 @@ MESSAGE_TYPES: dict[str, type[Envelope]] = {
         CompleteOrder,
         CommandSucceeded,
         CommandFailed,
+        AbortSaga,
+        RetrySaga,
+        ActionRefused,
         SagaFinished,
     )
 }

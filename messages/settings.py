@@ -42,6 +42,9 @@ class BrokerSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR"
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text for people, json (one object per line) for machines"
+    )
 
 
 class ServiceSettings(BrokerSettings):

@@ -1,5 +1,5 @@
 import sys
 
-from orchestrator.cli import main
+from orchestrator.cli import module_main
 
-sys.exit(main())
+sys.exit(module_main())

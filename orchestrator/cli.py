@@ -1,42 +1,133 @@
-"""`python -m orchestrator run | list | show`: run the orchestrator, or read its store."""
+"""`saga` (also `python -m orchestrator`): run the orchestrator, inspect and steer sagas.
+
+Reading commands (list, show, stats) open the store read-only; steering commands (retry,
+abort) send a message to the orchestrator, which decides and records them like any event.
+"""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import re
+import socket
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from messages import logs
+from messages.client import Client
 from messages.errors import SagaError, SagaNotFoundError
-from messages.models import SagaStatus
+from messages.models import (
+    AbortSaga,
+    ActionRefused,
+    AnyMessage,
+    RetrySaga,
+    SagaFinished,
+    SagaStatus,
+)
 from messages.service import run_service
 from messages.settings import load
 from messages.timeline import format_timeline
-from orchestrator.engine import SagaState
+from orchestrator.engine import SAGA, SagaState
 from orchestrator.runtime import Orchestrator
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.store import SqliteStore
 
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line: run, list and show."""
-    parser = argparse.ArgumentParser(
-        prog="python -m orchestrator", description="The order saga orchestrator."
-    )
+
+def _duration(text: str) -> timedelta:
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected e.g. 30s, 10m, 2h or 1d, got {text!r}")
+    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+
+
+def build_parser(prog: str = "saga") -> argparse.ArgumentParser:
+    """The command line: run, list, show, stats, retry and abort."""
+    parser = argparse.ArgumentParser(prog=prog, description="The order saga orchestrator.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="consume requests and replies until interrupted")
+
     listing = sub.add_parser("list", help="list sagas, newest first")
     listing.add_argument(
         "--state", type=SagaStatus, choices=list(SagaStatus), help="only sagas in this state"
     )
+    listing.add_argument("--since", type=_duration, help="only sagas started within, e.g. 10m")
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    show = sub.add_parser("show", help="one saga and its timeline")
+
+    show = sub.add_parser("show", help="one saga: its order and timeline")
     show.add_argument("saga_id", type=UUID, help="the saga id place_order printed")
     show.add_argument("--json", action="store_true", help="machine-readable output")
+
+    stats = sub.add_parser("stats", help="counts by state and outcome, durations")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+
+    for name, text in (
+        ("retry", "re-drive a FAILED saga from where it stopped"),
+        ("abort", "compensate a RUNNING saga now"),
+    ):
+        action = sub.add_parser(name, help=text)
+        action.add_argument("saga_id", type=UUID)
+        action.add_argument("--reason", required=True, help="why; kept in the saga's history")
+        action.add_argument(
+            "--timeout", type=float, default=30.0, help="seconds to wait for the saga to end"
+        )
+        action.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "saga") -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser(prog).parse_args(argv)
+    try:
+        settings = load(OrchestratorSettings)
+        logs.configure(settings.log_level, settings.log_format)
+        if args.command == "run":
+            return _run(settings)
+        if args.command in ("retry", "abort"):
+            return _steer(settings, args)
+        store = SqliteStore(settings.db_path, readonly=True)
+        try:
+            return {"list": _list, "show": _show, "stats": _stats}[args.command](store, args)
+        finally:
+            store.close()
+    except SagaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def module_main() -> int:
+    """`python -m orchestrator`, same commands as `saga`."""
+    return main(prog="python -m orchestrator")
+
+
+def _run(settings: OrchestratorSettings) -> int:
+    store = SqliteStore(settings.db_path)
+    try:
+        return run_service(Orchestrator(settings, store).run())
+    finally:
+        store.close()
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def _current_step(state: SagaState) -> str:
+    steps = [e.step for e in state.history if e.step != SAGA]
+    return steps[-1] if steps else "-"
+
+
+def _age(state: SagaState, now: datetime) -> str:
+    seconds = (now - state.created_at).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def _summary(state: SagaState) -> dict[str, object]:
@@ -44,8 +135,8 @@ def _summary(state: SagaState) -> dict[str, object]:
     return {
         "saga_id": str(state.saga_id),
         "status": state.status.value,
-        "step": state.history[-1].step if state.history else None,
-        "reason": state.reason,
+        "step": _current_step(state),
+        "reason": state.outcome,
         "customer_id": order.customer_id,
         "sku": order.sku,
         "quantity": order.quantity,
@@ -56,57 +147,99 @@ def _summary(state: SagaState) -> dict[str, object]:
     }
 
 
-def _list(settings: OrchestratorSettings, args: argparse.Namespace) -> int:
-    store = SqliteStore(settings.db_path, readonly=True)
-    sagas = store.sagas(args.state, args.limit)
+def _list(store: SqliteStore, args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    since = now - args.since if args.since else None
+    sagas = store.sagas(args.state, args.limit, since)
     if args.json:
         print(json.dumps([_summary(s) for s in sagas], indent=2))
         return 0
     if not sagas:
         print("no sagas")
         return 0
-    print(f"{'SAGA ID':<36}  {'STATE':<12}  {'CREATED (UTC)':<19}  {'ORDER':<32}  REASON")
+    print(f"{'SAGA ID':<36}  {'STATE':<12}  {'STEP':<15}  {'AGE':>5}  LAST ERROR")
     for s in sagas:
-        order = f"{s.request.quantity} x {s.request.sku} {s.request.amount}"
         print(
-            f"{s.saga_id!s:<36}  {s.status:<12}  {s.created_at:%Y-%m-%d %H:%M:%S}  "
-            f"{order:<32}  {s.reason or ''}"
+            f"{s.saga_id!s:<36}  {s.status:<12}  {_current_step(s):<15}  {_age(s, now):>5}  "
+            f"{s.outcome or ''}"
         )
     return 0
 
 
-def _show(settings: OrchestratorSettings, args: argparse.Namespace) -> int:
-    store = SqliteStore(settings.db_path, readonly=True)
+def _show(store: SqliteStore, args: argparse.Namespace) -> int:
     state = store.get(args.saga_id)
     if state is None:
-        raise SagaNotFoundError(f"no saga {args.saga_id} in {settings.db_path}")
+        raise SagaNotFoundError(f"no saga {args.saga_id} in the store")
     if args.json:
         print(state.model_dump_json(indent=2))
         return 0
     order = state.request
-    print(f"saga {state.saga_id}: {state.status}" + (f" ({state.reason})" if state.reason else ""))
+    print(
+        f"saga {state.saga_id}: {state.status}" + (f" ({state.outcome})" if state.outcome else "")
+    )
     print(f"order: {order.quantity} x {order.sku} for {order.customer_id}, {order.amount}")
+    print(f"started {state.created_at:%Y-%m-%d %H:%M:%S.%f}"[:-3] + " UTC")
     print(format_timeline(state.history))
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    try:
-        settings = load(OrchestratorSettings)
-        logs.configure(settings.log_level)
-        if args.command == "run":
-            return _run(settings)
-        return _list(settings, args) if args.command == "list" else _show(settings, args)
-    except SagaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+def _stats(store: SqliteStore, args: argparse.Namespace) -> int:
+    stats = store.stats()
+    durations = stats.durations_s
+    mean = sum(durations) / len(durations) if durations else None
+    p99 = durations[min(len(durations) - 1, int(0.99 * len(durations)))] if durations else None
+    oldest = stats.oldest_running
+    report = {
+        "by_state": {s.value: stats.by_status.get(s.value, 0) for s in SagaStatus},
+        "by_outcome": stats.by_outcome,
+        "finished": len(durations),
+        "duration_mean_ms": None if mean is None else round(mean * 1000, 1),
+        "duration_p99_ms": None if p99 is None else round(p99 * 1000, 1),
+        "oldest_running": None
+        if oldest is None
+        else {"saga_id": str(oldest.saga_id), "started": oldest.created_at.isoformat()},
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(
+        "by state:   "
+        + ", ".join(f"{s.value} {stats.by_status.get(s.value, 0)}" for s in SagaStatus)
+    )
+    print("by outcome: " + (", ".join(f"{k}: {v}" for k, v in stats.by_outcome.items()) or "-"))
+    if mean is not None and p99 is not None:
+        print(f"duration:   mean {mean * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
+    if oldest is not None:
+        print(f"oldest running: {oldest.saga_id}, {_age(oldest, datetime.now(UTC))} old")
+    return 0
+
+
+# --- steering ----------------------------------------------------------------------------------
+
+
+def _steer(settings: OrchestratorSettings, args: argparse.Namespace) -> int:
+    who = f"{getpass.getuser()}@{socket.gethostname()}"
+    kind = RetrySaga if args.command == "retry" else AbortSaga
+    action = kind(saga_id=args.saga_id, reason=args.reason, requested_by=who)
+
+    def about_this_saga(message: AnyMessage) -> bool:
+        return isinstance(message, SagaFinished | ActionRefused) and message.saga_id == args.saga_id
+
+    with Client(settings.amqp_url, watch_events=True) as client:
+        client.request(action)
+        answer = client.wait_for(about_this_saga, args.timeout)
+    if isinstance(answer, ActionRefused):
+        raise SagaError(f"{args.command} refused: {answer.detail}")
+    if not isinstance(answer, SagaFinished):
+        print(
+            f"{args.command} sent; the saga did not finish within {args.timeout:g}s "
+            f"(see: saga show {args.saga_id})"
+        )
         return 2
-
-
-def _run(settings: OrchestratorSettings) -> int:
-    store = SqliteStore(settings.db_path)
-    try:
-        return run_service(Orchestrator(settings, store).run())
-    finally:
-        store.close()
+    if args.json:
+        print(answer.model_dump_json(include={"saga_id", "status", "reason", "history"}, indent=2))
+    else:
+        reason = f" ({answer.reason})" if answer.reason else ""
+        print(f"saga {answer.saga_id}: {answer.status}{reason}")
+        print(format_timeline(answer.history))
+    return 0 if answer.status is not SagaStatus.FAILED else 1

@@ -44,11 +44,20 @@ class SagaState(BaseModel):
     deadline: datetime | None = None
     to_compensate: tuple[int, ...] = ()  # steps still to undo after the current one
     unanswered: tuple[str, ...] = ()  # compensations that never succeeded, and why
+    failed_compensations: tuple[int, ...] = ()  # their steps, for an operator's retry
+    generation: int = 0  # operator retries so far; part of every command id after one
     reason: str | None = None
     history: tuple[HistoryEntry, ...] = ()
     created_at: datetime
     updated_at: datetime
     version: int = 0  # bumped by every commit; lets a store detect concurrent writers
+
+    @property
+    def outcome(self) -> str | None:
+        """Why the saga is where it is: the cause, and any compensation that did not succeed."""
+        if not self.unanswered:
+            return self.reason
+        return "; then ".join([self.reason or "compensation", *self.unanswered])
 
 
 @dataclass(frozen=True)
@@ -123,8 +132,7 @@ def on_reply(definition: SagaDefinition, state: SagaState, reply: Reply, now: da
     else:
         assert isinstance(reply, CommandFailed)
         state = _record(state, now, step.name, "compensation_failed", _reason_text(reply))
-        refused = f"{reply.command_type} refused: {_reason_text(reply)}"
-        state = state.model_copy(update={"unanswered": (*state.unanswered, refused)})
+        state = _give_up_compensation(state, f"{reply.command_type} refused: {_reason_text(reply)}")
     return _next_compensation(definition, state, now)
 
 
@@ -141,8 +149,7 @@ def on_deadline(definition: SagaDefinition, state: SagaState, now: datetime) -> 
         return _send(definition, state, state.step, state.attempt + 1, now)
     if compensating:
         # Keep going with the others, as Temporal's samples do, and report this one.
-        give_up = f"{command} unanswered after {state.attempt} attempts"
-        state = state.model_copy(update={"unanswered": (*state.unanswered, give_up)})
+        state = _give_up_compensation(state, f"{command} unanswered after {state.attempt} attempts")
         return _next_compensation(definition, state, now)
     if step.compensation is None:
         # Its effect is unknown and cannot be undone: only a person can decide.
@@ -155,9 +162,63 @@ def on_deadline(definition: SagaDefinition, state: SagaState, now: datetime) -> 
     return _compensate(definition, state, range(state.step + 1), now, f"{step.name}_timed_out")
 
 
-def command_id(saga_id: UUID, step: str, compensating: bool) -> UUID:
+def on_abort(
+    definition: SagaDefinition, state: SagaState, reason: str, by: str, now: datetime
+) -> Decision:
+    """An operator stops a RUNNING saga: compensate what is done and what is in flight."""
+    if state.status is not SagaStatus.RUNNING:
+        return Decision(state, ignored=f"only a RUNNING saga can be aborted; it is {state.status}")
+    step = definition.steps[state.step]
+    if step.compensation is None:
+        return Decision(
+            state,
+            ignored=f"{step.name} is in flight and cannot be undone; wait for it to finish",
+        )
+    state = _record(state, now, SAGA, "abort_requested", f"by {by}: {reason}")
+    # The pending command may still be applied, so its step is compensated too.
+    return _compensate(definition, state, range(state.step + 1), now, f"aborted: {reason}")
+
+
+def on_retry(
+    definition: SagaDefinition, state: SagaState, reason: str, by: str, now: datetime
+) -> Decision:
+    """An operator re-drives a FAILED saga from where it stopped.
+
+    A saga that failed compensating resends the compensations that never succeeded; one
+    whose last step's effect was unknown resends that step. Commands get new ids, so a
+    participant that refused before decides again.
+    """
+    if state.status is not SagaStatus.FAILED:
+        return Decision(state, ignored=f"only a FAILED saga can be retried; it is {state.status}")
+    state = _record(state, now, SAGA, "retry_requested", f"by {by}: {reason}")
+    state = state.model_copy(update={"generation": state.generation + 1})
+    if state.failed_compensations:
+        state = state.model_copy(
+            update={
+                "status": SagaStatus.COMPENSATING,
+                "to_compensate": state.failed_compensations,
+                "failed_compensations": (),
+                "unanswered": (),
+            }
+        )
+        return _next_compensation(definition, state, now)
+    state = state.model_copy(update={"status": SagaStatus.RUNNING, "reason": None})
+    return _send(definition, state, state.step, 1, now)
+
+
+def command_id(saga_id: UUID, step: str, compensating: bool, generation: int = 0) -> UUID:
     """The idempotency key of a step's command: the same for every resend."""
-    return uuid5(saga_id, f"{step}/{'compensation' if compensating else 'command'}")
+    name = f"{step}/{'compensation' if compensating else 'command'}"
+    return uuid5(saga_id, f"{name}/{generation}" if generation else name)
+
+
+def _give_up_compensation(state: SagaState, why: str) -> SagaState:
+    return state.model_copy(
+        update={
+            "unanswered": (*state.unanswered, why),
+            "failed_compensations": (*state.failed_compensations, state.step),
+        }
+    )
 
 
 def _command_type(definition: SagaDefinition, index: int, compensating: bool) -> type[Command]:
@@ -177,7 +238,7 @@ def _build(
         if name not in Envelope.model_fields and name != "type"
     }
     return command(
-        message_id=command_id(state.saga_id, step, compensating),
+        message_id=command_id(state.saga_id, step, compensating, state.generation),
         saga_id=state.saga_id,
         created_at=now,
         **fields,
@@ -218,14 +279,8 @@ def _compensate(
 
 def _next_compensation(definition: SagaDefinition, state: SagaState, now: datetime) -> Decision:
     if not state.to_compensate:
-        if state.unanswered:
-            return _finish(
-                state,
-                SagaStatus.FAILED,
-                now,
-                f"{state.reason}; then " + "; ".join(state.unanswered),
-            )
-        return _finish(state, SagaStatus.COMPENSATED, now, state.reason)
+        status = SagaStatus.FAILED if state.unanswered else SagaStatus.COMPENSATED
+        return _finish(state, status, now, state.reason)
     index, *rest = state.to_compensate
     state = state.model_copy(update={"to_compensate": tuple(rest)})
     return _send(definition, state, index, 1, now)
@@ -241,13 +296,13 @@ def _finish(state: SagaState, status: SagaStatus, now: datetime, reason: str | N
             "to_compensate": (),
         }
     )
-    state = _record(state, now, SAGA, status.lower(), reason or "")
+    state = _record(state, now, SAGA, status.lower(), state.outcome or "")
     event = SagaFinished(
-        message_id=uuid5(state.saga_id, "finished"),
+        message_id=uuid5(state.saga_id, f"finished/{state.generation}"),
         saga_id=state.saga_id,
         created_at=now,
         status=status,
-        reason=reason,
+        reason=state.outcome,
         history=state.history,
     )
     return Decision(state, (PublishResult(event, state.reply_to),))

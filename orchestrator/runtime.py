@@ -17,11 +17,19 @@ from uuid import UUID
 from aio_pika.abc import AbstractIncomingMessage
 
 from messages import amqp, topology
+from messages.amqp import Exchanges
 from messages.batching import GroupCommit
 from messages.codec import encode
-from messages.errors import Rejected
+from messages.errors import Rejected, SagaNotFoundError
 from messages.logs import saga_context
-from messages.models import AnyMessage, PlaceOrder, Reply
+from messages.models import (
+    AbortSaga,
+    ActionRefused,
+    AnyMessage,
+    OperatorAction,
+    PlaceOrder,
+    Reply,
+)
 from orchestrator import engine
 from orchestrator.definition import RetryPolicy, SagaDefinition, order_saga
 from orchestrator.relay import OutboxRelay
@@ -82,6 +90,7 @@ class Orchestrator:
         # batch must build on the first one's state, not on the stored one.
         self._uncommitted: dict[UUID, engine.SagaState] = {}
         self._relay: OutboxRelay | None = None
+        self._exchanges: Exchanges | None = None
 
     def now(self) -> datetime:
         return datetime.now(UTC)
@@ -91,7 +100,7 @@ class Orchestrator:
         connection = await amqp.connect(self.settings, "orchestrator")
         async with connection:
             publish_channel = await connection.channel(publisher_confirms=True)
-            exchanges = await amqp.declare_topology(publish_channel)
+            exchanges = self._exchanges = await amqp.declare_topology(publish_channel)
             consume_channel = await connection.channel()
             await consume_channel.set_qos(prefetch_count=self.settings.prefetch)
             depth = self.store.outbox_depth()
@@ -127,7 +136,10 @@ class Orchestrator:
                     task.cancel()
 
     async def on_request(self, message: AnyMessage, incoming: AbstractIncomingMessage) -> None:
-        """A PlaceOrder starts a saga; a repeated one (same saga id) is dropped."""
+        """A PlaceOrder starts a saga (a repeated one is dropped); operators abort or retry."""
+        if isinstance(message, OperatorAction):
+            await self._operator_action(message, incoming.reply_to)
+            return
         if not isinstance(message, PlaceOrder):
             raise Rejected("unexpected_type", f"{message.type} does not belong on requests")
 
@@ -150,21 +162,43 @@ class Orchestrator:
 
         await self._decide(message.saga_id, decide)
 
+    async def _operator_action(self, action: OperatorAction, reply_to: str | None) -> None:
+        """Abort or retry, as the engine allows; a refusal goes back to the operator."""
+        act = engine.on_abort if isinstance(action, AbortSaga) else engine.on_retry
+
+        def decide(state: engine.SagaState | None) -> engine.Decision:
+            if state is None:
+                raise SagaNotFoundError(f"no saga {action.saga_id}")
+            return act(self.definition, state, action.reason, action.requested_by, self.now())
+
+        log.info("%s requested by %s: %s", action.type, action.requested_by, action.reason)
+        try:
+            refusal = await self._decide(action.saga_id, decide)
+        except SagaNotFoundError as exc:
+            refusal = str(exc)
+        if refusal and reply_to and self._exchanges:
+            answer = ActionRefused(saga_id=action.saga_id, action=action.type, detail=refusal)
+            await amqp.publish(self._exchanges.default, answer, reply_to, mandatory=False)
+
     async def _decide(
         self, saga_id: UUID, decide: Callable[[engine.SagaState | None], engine.Decision]
-    ) -> None:
-        """Run the engine on the saga's latest state; return once the result is committed."""
+    ) -> str | None:
+        """Run the engine on the saga's latest state; return once the result is committed.
+
+        Returns why nothing changed, when the engine ignored the event.
+        """
         state = self._uncommitted.get(saga_id) or self.store.get(saga_id)
         decision = decide(state)
         if decision.ignored:
             log.info("event dropped: %s", decision.ignored)
-            return
+            return decision.ignored
         seen = len(state.history) if state else 0
         for entry in decision.state.history[seen:]:
-            log.info("%s: %s %s", entry.step, entry.event, entry.detail)
+            log.info("%s: %s %s", entry.step, entry.event, entry.detail, extra={"step": entry.step})
         new = decision.state
         self._uncommitted[saga_id] = new.model_copy(update={"version": new.version + 1})
         await self._group.submit(decision)
+        return None
 
     def _commit(self, decisions: list[engine.Decision]) -> list[None]:
         try:

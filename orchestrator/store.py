@@ -33,6 +33,16 @@ class OutboxMessage:
     id: int | None = None  # set once stored
 
 
+@dataclass(frozen=True)
+class SagaStats:
+    """Counts and durations over every saga in the store."""
+
+    by_status: dict[str, int]
+    by_outcome: dict[str, int]  # "STATUS reason" of finished sagas
+    durations_s: list[float]  # of finished sagas, sorted
+    oldest_running: SagaState | None
+
+
 class SagaStore(Protocol):
     """What the orchestrator runtime and CLI need from durable storage."""
 
@@ -58,7 +68,11 @@ class SagaStore(Protocol):
 
     def outbox_depth(self) -> int: ...
 
-    def sagas(self, status: SagaStatus | None, limit: int) -> list[SagaState]: ...
+    def sagas(
+        self, status: SagaStatus | None, limit: int, since: datetime | None = None
+    ) -> list[SagaState]: ...
+
+    def stats(self) -> SagaStats: ...
 
     def close(self) -> None: ...
 
@@ -67,6 +81,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sagas (
     saga_id    TEXT PRIMARY KEY,
     status     TEXT NOT NULL,
+    reason     TEXT,
     deadline   REAL,
     version    INTEGER NOT NULL,
     created_at REAL NOT NULL,
@@ -138,6 +153,7 @@ class SqliteStore:
         stored = state.model_copy(update={"version": state.version + 1})
         values = (
             stored.status.value,
+            stored.reason,
             _ts(stored.deadline),
             stored.version,
             _ts(stored.updated_at),
@@ -150,14 +166,14 @@ class SqliteStore:
             ).fetchone():
                 raise ConcurrentUpdateError(f"saga {state.saga_id} already exists")
             self._db.execute(
-                "INSERT INTO sagas (status, deadline, version, updated_at, state, saga_id,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO sagas (status, reason, deadline, version, updated_at, state,"
+                " saga_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (*values, _ts(stored.created_at)),
             )
         else:
             updated = self._db.execute(
-                "UPDATE sagas SET status = ?, deadline = ?, version = ?, updated_at = ?,"
-                " state = ? WHERE saga_id = ? AND version = ?",
+                "UPDATE sagas SET status = ?, reason = ?, deadline = ?, version = ?,"
+                " updated_at = ?, state = ? WHERE saga_id = ? AND version = ?",
                 (*values, state.version),
             ).rowcount
             if updated != 1:
@@ -221,14 +237,51 @@ class SqliteStore:
     def outbox_depth(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
-    def sagas(self, status: SagaStatus | None, limit: int) -> list[SagaState]:
-        query = "SELECT state FROM sagas"
-        args: tuple[object, ...] = ()
+    def sagas(
+        self, status: SagaStatus | None, limit: int, since: datetime | None = None
+    ) -> list[SagaState]:
+        where: list[str] = []
+        args: list[object] = []
         if status is not None:
-            query += " WHERE status = ?"
-            args = (status.value,)
-        rows = self._db.execute(f"{query} ORDER BY created_at DESC LIMIT ?", (*args, limit))
+            where.append("status = ?")
+            args.append(status.value)
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since.timestamp())
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = self._db.execute(
+            f"SELECT state FROM sagas{clause} ORDER BY created_at DESC LIMIT ?", (*args, limit)
+        )
         return [SagaState.model_validate_json(row[0]) for row in rows]
+
+    def stats(self) -> SagaStats:
+        by_status = dict(self._db.execute("SELECT status, count(*) FROM sagas GROUP BY status"))
+        finished = tuple(s.value for s in SagaStatus if s.finished)
+        marks = ",".join("?" * len(finished))
+        by_outcome = {
+            f"{status} {reason or ''}".strip(): count
+            for status, reason, count in self._db.execute(
+                f"SELECT status, reason, count(*) FROM sagas WHERE status IN ({marks})"
+                " GROUP BY status, reason ORDER BY count(*) DESC",
+                finished,
+            )
+        }
+        durations = sorted(
+            row[0]
+            for row in self._db.execute(
+                f"SELECT updated_at - created_at FROM sagas WHERE status IN ({marks})", finished
+            )
+        )
+        oldest = self._db.execute(
+            "SELECT state FROM sagas WHERE status IN (?, ?) ORDER BY created_at LIMIT 1",
+            (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value),
+        ).fetchone()
+        return SagaStats(
+            by_status=by_status,
+            by_outcome=by_outcome,
+            durations_s=durations,
+            oldest_running=None if oldest is None else SagaState.model_validate_json(oldest[0]),
+        )
 
     def close(self) -> None:
         self._db.close()

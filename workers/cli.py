@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load(WorkerSettings)
-        logs.configure(settings.log_level)
+        logs.configure(settings.log_level, settings.log_format)
         if args.command == "stock":
             return _stock(settings, args.json)
         _check_options(args)

@@ -107,7 +107,7 @@ def apply_batch(
     results: list[Reply | Exception] = []
     with transaction(db):
         for command in commands:
-            with saga_context(command.saga_id):
+            with saga_context(command.saga_id, step=command.type, message_id=command.message_id):
                 db.execute("SAVEPOINT command")
                 try:
                     results.append(_apply(participant, db, command))

@@ -448,7 +448,7 @@ def test_a_complete_order_that_never_answers_ends_failed_with_its_effect_unknown
 
     # Then nothing is undone (CompleteOrder has no compensation): a person must look
     assert decision.state.status is SagaStatus.FAILED
-    reason = decision.state.reason or ""
+    reason = decision.state.outcome or ""
     assert "CompleteOrder" in reason
     assert "unknown" in reason
     assert sent_types(decision) == []
@@ -495,7 +495,7 @@ def test_an_unanswered_compensation_is_resent_then_skipped_and_the_saga_fails() 
         moved_on.state.updated_at + timedelta(seconds=1),
     )
     assert released.state.status is SagaStatus.FAILED
-    reason = released.state.reason or ""
+    reason = released.state.outcome or ""
     assert "order_rejected" in reason
     assert f"RefundPayment unanswered after {COMPENSATION_ATTEMPTS} attempts" in reason
     assert result(released).event.status is SagaStatus.FAILED
@@ -521,7 +521,7 @@ def test_a_refused_compensation_ends_failed_after_the_remaining_compensations() 
     assert sent_types(refused) == [("inventory", ReleaseStock)]
     released = on_reply(SAGA, refused.state, succeeded(sent(refused)), at(clock + 3))
     assert released.state.status is SagaStatus.FAILED
-    reason = released.state.reason or ""
+    reason = released.state.outcome or ""
     assert "order_rejected" in reason
     assert "RefundPayment refused: refund_rejected: card closed" in reason
     assert ("charge_payment", "compensation_failed") in events(released.state)
@@ -543,7 +543,7 @@ def test_the_last_compensation_left_unanswered_also_ends_failed() -> None:
 
     # Then there is nothing left to send and the saga is FAILED
     assert decision.state.status is SagaStatus.FAILED
-    assert "ReleaseStock unanswered" in (decision.state.reason or "")
+    assert "ReleaseStock unanswered" in (decision.state.outcome or "")
     assert result(decision).event.status is SagaStatus.FAILED
 
 

@@ -19,6 +19,8 @@ from messages.codec import CONTENT_TYPE, decode, encode
 from messages.errors import DecodeError, SagaError
 from messages.models import (
     MESSAGE_TYPES,
+    AbortSaga,
+    ActionRefused,
     ChargePayment,
     CommandFailed,
     CommandSucceeded,
@@ -30,6 +32,7 @@ from messages.models import (
     RefundPayment,
     ReleaseStock,
     ReserveStock,
+    RetrySaga,
     SagaFinished,
     SagaStatus,
     parse_money,
@@ -68,6 +71,9 @@ def samples() -> list[Envelope]:
             reason="payment_declined",
             detail="no funds",
         ),
+        AbortSaga(**common, reason="customer called", requested_by="ops@host"),
+        RetrySaga(**common, reason="payment is back", requested_by="ops@host"),
+        ActionRefused(**common, action="AbortSaga", detail="it is COMPLETED"),
         SagaFinished(
             **common,
             status=SagaStatus.FAILED,

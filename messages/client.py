@@ -1,0 +1,103 @@
+"""A blocking pika client for command-line tools: publish with confirms, wait for answers.
+
+place_order.py and the `saga` CLI talk to the orchestrator through this, the way any
+client would: requests on saga.requests, answers on an exclusive reply queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pika
+import pika.exceptions
+
+from messages import topology
+from messages.amqp import redact
+from messages.codec import decode, encode
+from messages.errors import DecodeError, SagaError
+from messages.models import AnyMessage, Envelope
+
+
+class Client:
+    """One connection and channel, with publisher confirms and an exclusive reply queue."""
+
+    def __init__(self, url: str, *, watch_events: bool = False) -> None:
+        """Connect; with ``watch_events`` the reply queue also gets every SagaFinished."""
+        try:
+            self._connection = pika.BlockingConnection(pika.URLParameters(url))
+        except (pika.exceptions.AMQPError, ValueError) as exc:
+            raise SagaError(f"cannot reach RabbitMQ at {redact(url)}: {exc!r}") from exc
+        self._channel = self._connection.channel()
+        self._channel.confirm_delivery()
+        declared = self._channel.queue_declare("", exclusive=True, auto_delete=True)
+        self.reply_queue: str = declared.method.queue
+        if watch_events:
+            try:
+                self._channel.queue_bind(self.reply_queue, topology.EVENTS_EXCHANGE, "saga.#")
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                raise SagaError(f"{_NOT_RUNNING} ({exc})") from exc
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._connection.is_open:
+            self._connection.close()
+
+    def request(self, message: Envelope) -> None:
+        """Publish to the orchestrator's requests queue; the answer comes to reply_queue."""
+        wire = encode(message)
+        properties = pika.BasicProperties(
+            content_type=wire.content_type,
+            type=wire.type,
+            message_id=wire.message_id,
+            correlation_id=wire.correlation_id,
+            delivery_mode=wire.delivery_mode,
+            timestamp=int(wire.timestamp),
+            reply_to=self.reply_queue,
+        )
+        try:
+            self._channel.basic_publish(
+                topology.REQUESTS_EXCHANGE,
+                topology.REQUEST_ROUTING_KEY,
+                wire.body,
+                properties,
+                mandatory=True,
+            )
+        except (pika.exceptions.UnroutableError, pika.exceptions.ChannelClosedByBroker) as exc:
+            raise SagaError(
+                f"the broker did not take the request ({exc!r}): {_NOT_RUNNING}"
+            ) from exc
+
+    def answers(self, timeout: float) -> Iterator[AnyMessage]:
+        """Messages arriving on the reply queue until ``timeout`` seconds have passed."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            method, properties, body = next(
+                self._channel.consume(self.reply_queue, inactivity_timeout=left)
+            )
+            if method is None:
+                break
+            self._channel.basic_ack(method.delivery_tag)
+            try:
+                yield decode(body, content_type=properties.content_type, type_hint=properties.type)
+            except DecodeError:
+                continue
+
+    def wait_for(self, accept: Callable[[AnyMessage], bool], timeout: float) -> AnyMessage | None:
+        """The first answer ``accept`` takes, or None after ``timeout`` seconds."""
+        for message in self.answers(timeout):
+            if accept(message):
+                return message
+        return None
+
+    def process_events(self, seconds: float) -> None:
+        """Let pika service the connection (heartbeats) for a moment."""
+        self._connection.process_data_events(seconds)
+
+
+_NOT_RUNNING = "is the orchestrator running? It declares the saga queues at start."
