@@ -24,8 +24,9 @@ from yarl import URL
 
 from messages import topology
 from messages.codec import Wire, decode, encode
-from messages.errors import DecodeError, PublishFailedError, Rejected
+from messages.errors import ConfigurationError, DecodeError, PublishFailedError, Rejected
 from messages.logs import saga_context
+from messages.metrics import DEAD_LETTERED
 from messages.models import AnyMessage, Envelope
 from messages.settings import BrokerSettings
 
@@ -57,8 +58,20 @@ async def connect(settings: BrokerSettings, name: str) -> AbstractRobustConnecti
         attempt += 1
         try:
             return await aio_pika.connect_robust(
-                settings.amqp_url, client_properties={"connection_name": name}
+                settings.amqp_url,
+                client_properties={"connection_name": name},
+                reconnect_interval=settings.connect_retry_s,
             )
+        except aiormq.exceptions.ProbableAuthenticationError as exc:
+            raise ConfigurationError(
+                f"RabbitMQ at {redact(settings.amqp_url)} refused the login: {exc}"
+            ) from exc
+        except aiormq.exceptions.InvalidFrameError as exc:
+            # The broker closes a connection to a vhost it does not have, or we may not use.
+            raise ConfigurationError(
+                f"RabbitMQ at {redact(settings.amqp_url)} refused the connection: does the vhost "
+                "exist, and may this user use it?"
+            ) from exc
         except (TimeoutError, aiormq.exceptions.AMQPConnectionError, OSError) as exc:
             log.warning(
                 "cannot reach RabbitMQ at %s (attempt %d): %s; retrying in %.1fs",
@@ -227,6 +240,7 @@ async def consume(
         await _settle(incoming.ack())
 
     async def _reject(incoming: AbstractIncomingMessage, reason: str, detail: str) -> None:
+        DEAD_LETTERED.labels(queue_name, reason).inc()
         log.warning(
             "dead-lettering message %s from %s: %s: %s",
             incoming.message_id,

@@ -15,8 +15,9 @@ import pika.exceptions
 from messages import topology
 from messages.amqp import redact
 from messages.codec import decode, encode
-from messages.errors import DecodeError, SagaError
+from messages.errors import ConfigurationError, DecodeError, SagaError
 from messages.models import AnyMessage, Envelope
+from messages.settings import check_amqp_url
 
 
 class Client:
@@ -25,8 +26,12 @@ class Client:
     def __init__(self, url: str, *, watch_events: bool = False) -> None:
         """Connect; with ``watch_events`` the reply queue also gets every SagaFinished."""
         try:
+            check_amqp_url(url)
+        except ValueError as exc:
+            raise ConfigurationError(f"bad RabbitMQ URL {url!r}: {exc}") from None
+        try:
             self._connection = pika.BlockingConnection(pika.URLParameters(url))
-        except (pika.exceptions.AMQPError, ValueError) as exc:
+        except (pika.exceptions.AMQPError, OSError, ValueError, IndexError) as exc:
             raise SagaError(f"cannot reach RabbitMQ at {redact(url)}: {exc!r}") from exc
         self._channel = self._connection.channel()
         self._channel.confirm_delivery()

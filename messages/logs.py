@@ -73,3 +73,5 @@ def configure(level: str = "INFO", fmt: Literal["text", "json"] = "text") -> Non
     root.setLevel(level.upper())
     for name in ("aiormq", "aio_pika", "pika"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    # It logs every failed connect at ERROR; messages.amqp already says it once, clearly.
+    logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)

@@ -221,6 +221,7 @@ class HistoryEntry(BaseModel):
     event: str = Field(max_length=64, description="e.g. sent, succeeded, failed, timed_out")
     detail: str = Field(default="", max_length=500)
     status: SagaStatus
+    attempt: int | None = Field(default=None, description="For sent commands: 1, 2, ...")
 
 
 class SagaFinished(Envelope):

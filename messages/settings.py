@@ -5,12 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
 
 from messages.errors import ConfigurationError
 
 S = TypeVar("S", bound=BaseSettings)
+
+
+def check_amqp_url(url: str) -> str:
+    """Return ``url`` if it names a RabbitMQ host (amqp:// or amqps://), else raise ValueError."""
+    try:
+        parsed = URL(url)
+        port = parsed.port
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if parsed.scheme not in ("amqp", "amqps") or not parsed.host or port is None:
+        raise ValueError("expected amqp://user:password@host:port/vhost (or amqps://)")
+    return url
 
 
 def load(cls: type[S]) -> S:
@@ -19,7 +32,9 @@ def load(cls: type[S]) -> S:
         return cls()
     except ValidationError as exc:
         problems = "; ".join(
-            f"SAGA_{str(e['loc'][0]).upper()}={e['input']!r}: {e['msg']}" for e in exc.errors()
+            f"SAGA_{str(e['loc'][0]).upper()}={e['input']!r}: "
+            + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
         )
         raise ConfigurationError(f"invalid setting: {problems}") from exc
 
@@ -41,6 +56,20 @@ class BrokerSettings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR"
+    )
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        return check_amqp_url(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Serve Prometheus metrics on this port; 0: off"
     )
     log_format: Literal["text", "json"] = Field(
         default="text", description="text for people, json (one object per line) for machines"

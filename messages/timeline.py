@@ -16,5 +16,5 @@ def format_timeline(history: Sequence[HistoryEntry]) -> str:
     for entry in history:
         offset = (entry.at - start).total_seconds() * 1000
         detail = f"  {entry.detail}" if entry.detail else ""
-        lines.append(f"  +{offset:8.1f} ms  {entry.step:<15} {entry.event:<20}{detail}")
+        lines.append(f"  +{offset:8.1f} ms  {entry.step:<15} {entry.event:<20}{detail}".rstrip())
     return "\n".join(lines)

@@ -11,6 +11,7 @@ import getpass
 import json
 import re
 import socket
+import sqlite3
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -46,6 +47,13 @@ def _duration(text: str) -> timedelta:
     return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser(prog: str = "saga") -> argparse.ArgumentParser:
     """The command line: run, list, show, stats, retry and abort."""
     parser = argparse.ArgumentParser(prog=prog, description="The order saga orchestrator.")
@@ -54,10 +62,15 @@ def build_parser(prog: str = "saga") -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", help="list sagas, newest first")
     listing.add_argument(
-        "--state", type=SagaStatus, choices=list(SagaStatus), help="only sagas in this state"
+        "--state",
+        type=lambda text: SagaStatus(text.upper()),
+        choices=list(SagaStatus),
+        help="only sagas in this state",
     )
     listing.add_argument("--since", type=_duration, help="only sagas started within, e.g. 10m")
-    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    listing.add_argument(
+        "--limit", type=_positive, default=50, help="at most this many (default 50)"
+    )
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
     show = sub.add_parser("show", help="one saga: its order and timeline")
@@ -98,6 +111,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "saga") -> int:
             store.close()
     except SagaError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, sqlite3.Error) as exc:
+        print(f"error: the store under SAGA_DATA_DIR cannot be used: {exc}", file=sys.stderr)
         return 2
 
 
@@ -169,7 +185,10 @@ def _list(store: SqliteStore, args: argparse.Namespace) -> int:
 def _show(store: SqliteStore, args: argparse.Namespace) -> int:
     state = store.get(args.saga_id)
     if state is None:
-        raise SagaNotFoundError(f"no saga {args.saga_id} in the store")
+        raise SagaNotFoundError(
+            f"no saga {args.saga_id} in the store: the orchestrator has not started it "
+            "(a request waits in orchestrator.requests until an orchestrator runs)"
+        )
     if args.json:
         print(state.model_dump_json(indent=2))
         return 0

@@ -106,7 +106,20 @@ def start(
 
 
 def on_reply(definition: SagaDefinition, state: SagaState, reply: Reply, now: datetime) -> Decision:
-    """Apply a participant's reply; duplicates, late and stray replies change nothing."""
+    """Apply a participant's reply; duplicates, late and stray replies change nothing.
+
+    One late reply does count: the answer to a last step that timed out and left the saga
+    FAILED with its effect unknown. It settles the question, so the saga goes on from it.
+    """
+    if state.status is SagaStatus.FAILED and state.pending and reply.command_id == state.pending:
+        state = _record(state, now, SAGA, "late_reply", f"{reply.command_type} answered at last")
+        state = state.model_copy(
+            update={
+                "status": SagaStatus.RUNNING,
+                "reason": None,
+                "generation": state.generation + 1,
+            }
+        )
     if state.status.finished:
         return Decision(state, ignored=f"saga is already {state.status}")
     if reply.command_id != state.pending:
@@ -157,7 +170,7 @@ def on_deadline(definition: SagaDefinition, state: SagaState, now: datetime) -> 
             f"{command} unanswered after {state.attempt} attempts; its effect is "
             "unknown and it has no compensation"
         )
-        return _finish(state, SagaStatus.FAILED, now, detail)
+        return _finish(state, SagaStatus.FAILED, now, detail, keep_pending=True)
     # Its effect is unknown, so undo it too (a compensation of nothing is a no-op).
     return _compensate(definition, state, range(state.step + 1), now, f"{step.name}_timed_out")
 
@@ -262,7 +275,7 @@ def _send(
             "deadline": policy.deadline(now, attempt),
         }
     )
-    state = _record(state, now, step.name, "sent", f"{command.type} attempt {attempt}")
+    state = _record(state, now, step.name, "sent", f"{command.type} attempt {attempt}", attempt)
     return Decision(state, (SendCommand(step.participant, command),))
 
 
@@ -286,12 +299,18 @@ def _next_compensation(definition: SagaDefinition, state: SagaState, now: dateti
     return _send(definition, state, index, 1, now)
 
 
-def _finish(state: SagaState, status: SagaStatus, now: datetime, reason: str | None) -> Decision:
+def _finish(
+    state: SagaState,
+    status: SagaStatus,
+    now: datetime,
+    reason: str | None,
+    keep_pending: bool = False,  # a late reply to it can still settle the saga
+) -> Decision:
     state = state.model_copy(
         update={
             "status": status,
             "reason": reason,
-            "pending": None,
+            "pending": state.pending if keep_pending else None,
             "deadline": None,
             "to_compensate": (),
         }
@@ -308,8 +327,12 @@ def _finish(state: SagaState, status: SagaStatus, now: datetime, reason: str | N
     return Decision(state, (PublishResult(event, state.reply_to),))
 
 
-def _record(state: SagaState, now: datetime, step: str, event: str, detail: str) -> SagaState:
-    entry = HistoryEntry(at=now, step=step, event=event, detail=detail[:500], status=state.status)
+def _record(
+    state: SagaState, now: datetime, step: str, event: str, detail: str, attempt: int | None = None
+) -> SagaState:
+    entry = HistoryEntry(
+        at=now, step=step, event=event, detail=detail[:500], status=state.status, attempt=attempt
+    )
     return state.model_copy(update={"history": (*state.history, entry), "updated_at": now})
 
 

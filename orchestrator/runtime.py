@@ -22,6 +22,7 @@ from messages.batching import GroupCommit
 from messages.codec import encode
 from messages.errors import Rejected, SagaNotFoundError
 from messages.logs import saga_context
+from messages.metrics import serve as serve_metrics
 from messages.models import (
     AbortSaga,
     ActionRefused,
@@ -30,7 +31,7 @@ from messages.models import (
     PlaceOrder,
     Reply,
 )
-from orchestrator import engine
+from orchestrator import engine, metrics
 from orchestrator.definition import RetryPolicy, SagaDefinition, order_saga
 from orchestrator.relay import OutboxRelay
 from orchestrator.settings import OrchestratorSettings
@@ -97,6 +98,9 @@ class Orchestrator:
 
     async def run(self) -> None:
         """Run until cancelled."""
+        if self.settings.metrics_port:
+            metrics.register_store(self.settings.db_path)
+            serve_metrics(self.settings.metrics_port)
         connection = await amqp.connect(self.settings, "orchestrator")
         async with connection:
             publish_channel = await connection.channel(publisher_confirms=True)
@@ -125,9 +129,10 @@ class Orchestrator:
             ):
                 await amqp.consume(consume_channel, queue, exchanges, handler, self.settings)
             log.info(
-                "orchestrator ready: consuming %s and %s",
+                "orchestrator ready: consuming %s and %s on %s",
                 topology.REQUESTS_QUEUE,
                 topology.REPLIES_QUEUE,
+                amqp.redact(self.settings.amqp_url),
             )
             try:
                 await asyncio.gather(*tasks)
@@ -198,6 +203,7 @@ class Orchestrator:
         new = decision.state
         self._uncommitted[saga_id] = new.model_copy(update={"version": new.version + 1})
         await self._group.submit(decision)
+        metrics.observe(new.history, seen)
         return None
 
     def _commit(self, decisions: list[engine.Decision]) -> list[None]:

@@ -74,6 +74,10 @@ class SagaStore(Protocol):
 
     def stats(self) -> SagaStats: ...
 
+    def counts(self) -> dict[str, int]:
+        """Sagas by status."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -254,8 +258,11 @@ class SqliteStore:
         )
         return [SagaState.model_validate_json(row[0]) for row in rows]
 
+    def counts(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT status, count(*) FROM sagas GROUP BY status"))
+
     def stats(self) -> SagaStats:
-        by_status = dict(self._db.execute("SELECT status, count(*) FROM sagas GROUP BY status"))
+        by_status = self.counts()
         finished = tuple(s.value for s in SagaStatus if s.finished)
         marks = ",".join("?" * len(finished))
         by_outcome = {

@@ -36,7 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--qty", type=int, required=True, help="units to order")
     parser.add_argument("--amount", required=True, help="price, e.g. 25.00 or '25.00 USD'")
     parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds to wait for a result (default 30)"
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for a result (default 60); the order is not withdrawn after it",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument(
@@ -49,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.count < 1 or args.concurrency < 1:
         parser.error("--count and --concurrency must be at least 1")
+    if args.timeout <= 0:
+        parser.error("--timeout must be more than 0 seconds")
     return args
 
 
@@ -81,15 +86,16 @@ def place_one(client: Client, args: argparse.Namespace) -> int:
                     {
                         "saga_id": str(request.saga_id),
                         "status": "TIMED_OUT",
-                        "reason": f"no result within {args.timeout:g}s",
+                        "reason": f"no result within {args.timeout:g}s; the order is still queued",
                         "history": [],
                     }
                 )
             )
         else:
             print(
-                f"saga {request.saga_id}: no result within {args.timeout:g}s "
-                f"(see: python -m orchestrator show {request.saga_id})"
+                f"saga {request.saga_id}: no result within {args.timeout:g}s. The order is "
+                "queued and will still be processed: is the orchestrator running? "
+                f"Check later with: saga show {request.saga_id}"
             )
         return 2
     if args.json:
@@ -177,4 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # e.g. piped into `head`
+        sys.exit(0)

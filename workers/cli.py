@@ -13,6 +13,7 @@ from typing import TypeVar
 
 from messages import amqp, logs
 from messages.errors import ConfigurationError, SagaError
+from messages.metrics import serve as serve_metrics
 from messages.service import run_service
 from messages.settings import load
 from orchestrator.store import open_sqlite
@@ -24,19 +25,19 @@ NAMES = ("inventory", "payment", "order")
 T = TypeVar("T")
 
 
-def _pairs(convert: Callable[[str], T]) -> Callable[[str], dict[str, T]]:
-    """An argparse type for 'key=value,key=value'."""
+def _pairs(convert: Callable[[str], T], what: str) -> Callable[[str], dict[str, T]]:
+    """An argparse type for 'key=value,key=value'; ``what`` describes a good value."""
 
     def parse(text: str) -> dict[str, T]:
         result = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
             key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {item!r}")
             try:
-                if not sep or not key:
-                    raise ValueError
                 result[key.strip()] = convert(value.strip())
             except (ValueError, InvalidOperation):
-                raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {item!r}") from None
+                raise argparse.ArgumentTypeError(f"{item!r}: the value must be {what}") from None
         return result
 
     return parse
@@ -66,17 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("participant", choices=(*NAMES, "all"))
     run.add_argument(
         "--stock",
-        type=_pairs(_stock_level),
+        type=_pairs(_stock_level, "a whole number >= 0"),
         default={},
         metavar="SKU=N,...",
         help="inventory: initial stock for SKUs not stocked yet",
     )
     run.add_argument(
         "--limit",
-        type=_pairs(_limit),
+        type=_pairs(_limit, "an amount > 0, e.g. 50.00"),
         default={},
         metavar="CUSTOMER=AMOUNT,...",
-        help="payment: credit limits for customers not known yet",
+        help="payment: credit limits per customer (replace stored ones at every start)",
     )
     run.add_argument(
         "--block",
@@ -110,6 +111,7 @@ async def _run(settings: WorkerSettings, args: argparse.Namespace) -> None:
         payment.seed(dbs["payment"], args.limit)
     if "order" in dbs:
         order.seed(dbs["order"], args.block)
+    serve_metrics(settings.metrics_port)
     connection = await amqp.connect(settings, f"workers:{args.participant}")
     try:
         async with connection:
@@ -147,4 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_service(_run(settings, args))
     except SagaError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, sqlite3.Error) as exc:
+        print(f"error: the data under SAGA_DATA_DIR cannot be used: {exc}", file=sys.stderr)
         return 2

@@ -36,8 +36,10 @@ def reserve(command: ReserveStock, db: sqlite3.Connection) -> Outcome:
     stock = db.execute("SELECT quantity FROM stock WHERE sku = ?", (command.sku,)).fetchone()
     available = 0 if stock is None else stock[0]
     if available < command.quantity:
+        stocked = "" if stock is not None else " (not a stocked SKU)"
         return Failed(
-            "out_of_stock", f"{command.sku}: {available} available, {command.quantity} requested"
+            "out_of_stock",
+            f"{command.sku}: {available} available, {command.quantity} requested{stocked}",
         )
     remaining = available - command.quantity
     db.execute("UPDATE stock SET quantity = ? WHERE sku = ?", (remaining, command.sku))
@@ -75,9 +77,21 @@ def release(command: ReleaseStock, db: sqlite3.Connection) -> Outcome:
 
 
 def seed(db: sqlite3.Connection, stock: dict[str, int]) -> None:
-    """Set initial stock for SKUs the database does not know yet (first start only)."""
+    """Set initial stock for SKUs the database does not know yet; stock is state, not config."""
     with transaction(db):
-        db.executemany("INSERT OR IGNORE INTO stock VALUES (?, ?)", stock.items())
+        for sku, quantity in stock.items():
+            row = db.execute("SELECT quantity FROM stock WHERE sku = ?", (sku,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO stock VALUES (?, ?)", (sku, quantity))
+            elif row[0] != quantity:
+                log.warning(
+                    "--stock %s=%d ignored: %s is already stocked with %d (seeds apply to new "
+                    "SKUs only)",
+                    sku,
+                    quantity,
+                    sku,
+                    row[0],
+                )
 
 
 def current_stock(db: sqlite3.Connection) -> dict[str, int]:

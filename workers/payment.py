@@ -77,10 +77,10 @@ def refund(command: RefundPayment, db: sqlite3.Connection) -> Outcome:
 
 
 def seed(db: sqlite3.Connection, limits: dict[str, Decimal]) -> None:
-    """Set credit limits for customers the database does not know yet (first start only)."""
+    """Set credit limits (configuration: a value given at start replaces the stored one)."""
     with transaction(db):
         db.executemany(
-            "INSERT OR IGNORE INTO credit_limits VALUES (?, ?)",
+            "INSERT OR REPLACE INTO credit_limits VALUES (?, ?)",
             [(customer, str(limit)) for customer, limit in limits.items()],
         )
 

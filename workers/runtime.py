@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from prometheus_client import Counter, Histogram
 
 from messages import amqp, topology
 from messages.amqp import Exchanges
@@ -29,6 +31,19 @@ from messages.models import AnyMessage, Command, CommandFailed, CommandSucceeded
 from messages.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
+
+COMMANDS = Counter(
+    "saga_commands",
+    "Commands handled, by participant, command and reply (CommandSucceeded, CommandFailed, "
+    "or repeat: answered from the dedupe record)",
+    ["participant", "command", "outcome"],
+)
+COMMAND_SECONDS = Histogram(
+    "saga_command_duration_seconds",
+    "From receiving a command to its reply being confirmed by the broker",
+    ["participant", "command"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
 
 
 @dataclass(frozen=True)
@@ -96,15 +111,23 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     db.execute("COMMIT")
 
 
+@dataclass(frozen=True)
+class Handled:
+    """The reply to a command, and whether it was a repeat answered from the dedupe record."""
+
+    reply: Reply
+    repeat: bool = False
+
+
 def apply_batch(
     participant: Participant, db: sqlite3.Connection, commands: list[Command]
-) -> list[Reply | Exception]:
+) -> list[Handled | Exception]:
     """Handle commands in one transaction (one fsync), each exactly once.
 
     Each command runs in its own savepoint, so one that raises is undone alone and gets its
     exception back while the others commit.
     """
-    results: list[Reply | Exception] = []
+    results: list[Handled | Exception] = []
     with transaction(db):
         for command in commands:
             with saga_context(command.saga_id, step=command.type, message_id=command.message_id):
@@ -118,7 +141,7 @@ def apply_batch(
     return results
 
 
-def _apply(participant: Participant, db: sqlite3.Connection, command: Command) -> Reply:
+def _apply(participant: Participant, db: sqlite3.Connection, command: Command) -> Handled:
     """Handle ``command`` exactly once; a repeat returns the first reply unchanged."""
     handler = participant.handlers.get(type(command))
     if handler is None:
@@ -134,7 +157,7 @@ def _apply(participant: Participant, db: sqlite3.Connection, command: Command) -
         )
         stored = decode(row[0])
         assert isinstance(stored, Reply)
-        return stored
+        return Handled(stored, repeat=True)
     outcome = handler(command, db)
     reply = _reply(participant.name, command, outcome)
     db.execute(
@@ -149,7 +172,7 @@ def _apply(participant: Participant, db: sqlite3.Connection, command: Command) -
     )
     if isinstance(outcome, Failed):
         log.info("%s refused: %s %s", command.type, outcome.reason, outcome.detail)
-    return reply
+    return Handled(reply)
 
 
 def _reply(participant: str, command: Command, outcome: Outcome) -> Reply:
@@ -180,22 +203,28 @@ async def serve(
         handler = _on_command(participant, dbs[participant.name], exchanges)
         queue = topology.command_queue(participant.name)
         await amqp.consume(channel, queue, exchanges, handler, settings)
-        log.info("%s ready: consuming %s", participant.name, queue)
+        log.info(
+            "%s ready: consuming %s on %s", participant.name, queue, amqp.redact(settings.amqp_url)
+        )
 
 
 def _on_command(
     participant: Participant, db: sqlite3.Connection, exchanges: Exchanges
 ) -> amqp.Handler:
-    group: GroupCommit[Command, Reply] = GroupCommit(
+    group: GroupCommit[Command, Handled] = GroupCommit(
         functools.partial(apply_batch, participant, db)
     )
 
     async def on_command(message: AnyMessage, incoming: AbstractIncomingMessage) -> None:
         if not isinstance(message, Command):
             raise Rejected("unexpected_type", f"{message.type} is not a command")
-        reply = await group.submit(message)
+        began = time.perf_counter()
+        handled = await group.submit(message)
         # Not acked until the reply is confirmed: a crash here means a redelivery, which
         # the dedupe record answers with this same reply.
-        await amqp.publish(exchanges.replies, reply, topology.REPLY_ROUTING_KEY)
+        await amqp.publish(exchanges.replies, handled.reply, topology.REPLY_ROUTING_KEY)
+        outcome = "repeat" if handled.repeat else handled.reply.type
+        COMMANDS.labels(participant.name, message.type, outcome).inc()
+        COMMAND_SECONDS.labels(participant.name, message.type).observe(time.perf_counter() - began)
 
     return on_command

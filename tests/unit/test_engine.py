@@ -7,10 +7,13 @@ would see: the status, what was sent to whom, the reason and the timeline.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from itertools import pairwise
-from uuid import UUID
+from uuid import UUID, uuid4
+
+import pytest
 
 from messages.models import (
     ChargePayment,
@@ -22,6 +25,7 @@ from messages.models import (
     PlaceOrder,
     RefundPayment,
     ReleaseStock,
+    Reply,
     ReserveStock,
     SagaStatus,
 )
@@ -31,8 +35,10 @@ from orchestrator.engine import (
     PublishResult,
     SagaState,
     SendCommand,
+    on_abort,
     on_deadline,
     on_reply,
+    on_retry,
     start,
 )
 
@@ -617,3 +623,338 @@ def test_a_compensation_has_an_id_of_its_own() -> None:
     assert isinstance(release.command, ReleaseStock)
     assert release.command.message_id != sent(started).command.message_id
     assert compensating.state.reason == "reserve_stock_timed_out"
+
+
+# --- operator actions: abort and retry -------------------------------------------------------
+
+OPERATOR = "alice@ops"
+
+
+def after(state: SagaState, seconds: float = 1.0) -> datetime:
+    """``seconds`` after the saga's last transition."""
+    return state.updated_at + timedelta(seconds=seconds)
+
+
+def entries(state: SagaState, event: str) -> list[str]:
+    """The details of the saga-level history entries named ``event``."""
+    return [e.detail for e in state.history if e.step == "saga" and e.event == event]
+
+
+def time_out(decision: Decision, times: int) -> Decision:
+    """Let the pending command's deadline pass ``times`` times in a row."""
+    for _ in range(times):
+        decision = on_deadline(SAGA, decision.state, due(decision.state))
+    return decision
+
+
+def failed_after_an_unanswered_refund() -> tuple[Decision, SendCommand]:
+    """The order was refused, the refund never answered, the stock released: FAILED.
+    Returns that decision and the RefundPayment that went unanswered."""
+    completing, clock = run_until(CompleteOrder)
+    refunding = on_reply(
+        SAGA, completing.state, failed(sent(completing), "order_rejected"), at(clock + 1)
+    )
+    refund = sent(refunding)
+    assert isinstance(refund.command, RefundPayment)
+    releasing = time_out(refunding, COMPENSATION_ATTEMPTS)
+    assert sent_types(releasing) == [("inventory", ReleaseStock)]
+    done = on_reply(SAGA, releasing.state, succeeded(sent(releasing)), after(releasing.state))
+    assert done.state.status is SagaStatus.FAILED
+    assert "RefundPayment unanswered" in (done.state.outcome or "")
+    return done, refund
+
+
+def failed_after_an_unanswered_complete_order() -> tuple[Decision, SendCommand]:
+    """CompleteOrder (the pivot, no compensation) never answered: FAILED, effect unknown.
+    Returns that decision and the CompleteOrder that went unanswered."""
+    completing, _ = run_until(CompleteOrder)
+    done = time_out(completing, STEP_ATTEMPTS)
+    assert done.state.status is SagaStatus.FAILED
+    return done, sent(completing)
+
+
+def test_abort_while_charging_refunds_the_charge_in_flight_then_releases_the_stock() -> None:
+    # Given stock reserved and the card being charged
+    charging, clock = run_until(ChargePayment)
+    charge = sent(charging)
+
+    # When an operator aborts the saga
+    aborted = on_abort(SAGA, charging.state, "customer cancelled", OPERATOR, at(clock + 1))
+
+    # Then the request is on the timeline, saying who and why
+    assert aborted.ignored is None
+    (request,) = entries(aborted.state, "abort_requested")
+    assert OPERATOR in request
+    assert "customer cancelled" in request
+    # and the charge in flight may still happen, so it is refunded first
+    assert aborted.state.status is SagaStatus.COMPENSATING
+    assert sent_types(aborted) == [("payment", RefundPayment)]
+    refund = sent(aborted).command
+    assert isinstance(refund, RefundPayment)
+    assert refund.amount == Money(amount=Decimal("25.50"), currency="EUR")
+
+    # When the charge's own answer arrives now, it changes nothing
+    late = on_reply(SAGA, aborted.state, succeeded(charge), at(clock + 2))
+    assert late.ignored
+    assert late.state == aborted.state
+
+    # When the refund succeeds, the stock is released
+    refunded = on_reply(SAGA, aborted.state, succeeded(sent(aborted)), at(clock + 3))
+    assert sent_types(refunded) == [("inventory", ReleaseStock)]
+
+    # and once it is, the saga is COMPENSATED, the reason saying it was aborted and why
+    released = on_reply(SAGA, refunded.state, succeeded(sent(refunded)), at(clock + 4))
+    state = released.state
+    assert state.status is SagaStatus.COMPENSATED
+    reason = state.reason or ""
+    assert reason.startswith("aborted:")
+    assert "customer cancelled" in reason
+    event = result(released).event
+    assert (event.status, event.reason) == (SagaStatus.COMPENSATED, reason)
+    assert ("charge_payment", "compensated") in events(state)
+    assert ("reserve_stock", "compensated") in events(state)
+
+
+def completing_order() -> SagaState:
+    return run_until(CompleteOrder)[0].state
+
+
+def completed() -> SagaState:
+    completing, clock = run_until(CompleteOrder)
+    done = on_reply(SAGA, completing.state, succeeded(sent(completing)), at(clock + 1))
+    assert done.state.status is SagaStatus.COMPLETED
+    return done.state
+
+
+def compensated() -> SagaState:
+    started = start(SAGA, place_order(), REPLY_TO, T0)
+    done = on_reply(SAGA, started.state, failed(sent(started), "out_of_stock"), at(1))
+    assert done.state.status is SagaStatus.COMPENSATED
+    return done.state
+
+
+def compensating() -> SagaState:
+    charging, clock = run_until(ChargePayment)
+    declined = on_reply(
+        SAGA, charging.state, failed(sent(charging), "payment_declined"), at(clock + 1)
+    )
+    assert declined.state.status is SagaStatus.COMPENSATING
+    return declined.state
+
+
+def failed_saga() -> SagaState:
+    return failed_after_an_unanswered_complete_order()[0].state
+
+
+def running() -> SagaState:
+    return run_until(ChargePayment)[0].state
+
+
+@pytest.mark.parametrize(
+    "saga",
+    [completing_order, completed, compensated, failed_saga, compensating],
+    ids=lambda build: build.__name__,
+)
+def test_abort_is_refused_when_there_is_nothing_it_could_undo(
+    saga: Callable[[], SagaState],
+) -> None:
+    state = saga()
+
+    refused = on_abort(SAGA, state, "customer cancelled", OPERATOR, after(state))
+
+    assert refused.ignored
+    assert refused.outbox == ()
+    assert refused.state == state
+    assert entries(refused.state, "abort_requested") == []
+
+
+def test_abort_while_completing_the_order_says_to_wait_for_it() -> None:
+    state = completing_order()
+
+    refused = on_abort(SAGA, state, "customer cancelled", OPERATOR, after(state))
+
+    assert "complete_order" in (refused.ignored or "")
+
+
+def test_retry_after_an_unanswered_refund_resends_it_under_a_new_id_and_can_compensate() -> None:
+    # Given a saga that ended FAILED because RefundPayment was never answered
+    failed_saga, first_refund = failed_after_an_unanswered_refund()
+    first_result = result(failed_saga).event
+    assert first_result.status is SagaStatus.FAILED
+
+    # When an operator retries it
+    now = after(failed_saga.state)
+    retried = on_retry(SAGA, failed_saga.state, "payment service is back", OPERATOR, now)
+
+    # Then the refund (and only the refund: the stock was released) goes out again, under a
+    # new id so that the payment service decides afresh
+    assert retried.ignored is None
+    assert retried.state.status is SagaStatus.COMPENSATING
+    refund = sent(retried)
+    assert refund.participant == "payment"
+    assert isinstance(refund.command, RefundPayment)
+    assert refund.command.message_id != first_refund.command.message_id
+    assert refund.command.model_dump(exclude={"message_id", "created_at"}) == (
+        first_refund.command.model_dump(exclude={"message_id", "created_at"})
+    )
+    assert retried.state.pending == refund.command.message_id
+    assert retried.state.deadline == now + timedelta(seconds=COMPENSATION_TIMEOUT_S)
+    (request,) = entries(retried.state, "retry_requested")
+    assert OPERATOR in request
+    assert "payment service is back" in request
+
+    # When the refund succeeds this time, the saga is COMPENSATED, not FAILED
+    done = on_reply(SAGA, retried.state, succeeded(refund), after(retried.state))
+    state = done.state
+    assert state.status is SagaStatus.COMPENSATED
+    assert sent_types(done) == []
+    # and announced anew: a different message, not a duplicate of the FAILED one
+    event = result(done).event
+    assert event.status is SagaStatus.COMPENSATED
+    assert event.message_id != first_result.message_id
+    # with the original cause, and no trace of the failure that is now resolved
+    assert state.outcome == "order_rejected"
+    assert event.reason == "order_rejected"
+    assert "unanswered" not in (state.outcome or "")
+
+
+def test_retry_after_an_unanswered_complete_order_resends_it_and_can_complete() -> None:
+    # Given a saga that ended FAILED because CompleteOrder was never answered
+    failed_saga, first = failed_after_an_unanswered_complete_order()
+    first_result = result(failed_saga).event
+
+    # When an operator retries it
+    now = after(failed_saga.state)
+    retried = on_retry(SAGA, failed_saga.state, "order service fixed", OPERATOR, now)
+
+    # Then CompleteOrder goes out again, as a first attempt under a new id
+    assert retried.ignored is None
+    assert retried.state.status is SagaStatus.RUNNING
+    assert retried.state.reason is None
+    complete = sent(retried)
+    assert complete.participant == "order"
+    assert isinstance(complete.command, CompleteOrder)
+    assert complete.command.message_id != first.command.message_id
+    assert retried.state.pending == complete.command.message_id
+    assert retried.state.attempt == 1
+    assert retried.state.deadline == now + timedelta(seconds=STEP_TIMEOUT_S)
+    (request,) = entries(retried.state, "retry_requested")
+    assert OPERATOR in request
+    assert "order service fixed" in request
+
+    # When the order service confirms, the saga is COMPLETED and announced anew
+    done = on_reply(SAGA, retried.state, succeeded(complete), after(retried.state))
+    assert done.state.status is SagaStatus.COMPLETED
+    assert done.state.outcome is None
+    event = result(done).event
+    assert (event.status, event.reason) == (SagaStatus.COMPLETED, None)
+    assert event.message_id != first_result.message_id
+
+
+@pytest.mark.parametrize(
+    "saga",
+    [running, completing_order, compensating, completed, compensated],
+    ids=lambda build: build.__name__,
+)
+def test_retry_is_refused_unless_the_saga_failed(saga: Callable[[], SagaState]) -> None:
+    state = saga()
+
+    refused = on_retry(SAGA, state, "try again", OPERATOR, after(state))
+
+    assert refused.ignored
+    assert refused.outbox == ()
+    assert refused.state == state
+    assert entries(refused.state, "retry_requested") == []
+
+
+def test_a_late_success_of_the_timed_out_complete_order_completes_the_failed_saga() -> None:
+    # Given a saga that ended FAILED because CompleteOrder was never answered
+    failed_saga, complete = failed_after_an_unanswered_complete_order()
+    first_result = result(failed_saga).event
+
+    # When the order service's answer finally arrives, saying the order was completed
+    late = on_reply(
+        SAGA, failed_saga.state, succeeded(complete, "order #7"), after(failed_saga.state)
+    )
+
+    # Then the question is settled: the saga is COMPLETED, and says how
+    state = late.state
+    assert late.ignored is None
+    assert state.status is SagaStatus.COMPLETED
+    assert state.outcome is None
+    assert state.pending is None
+    assert sent_types(late) == []
+    assert entries(state, "late_reply")
+    assert ("complete_order", "succeeded") in events(state)
+    event = result(late).event
+    assert (event.status, event.reason) == (SagaStatus.COMPLETED, None)
+    assert event.message_id != first_result.message_id
+
+    # and the same answer again changes nothing
+    again = on_reply(SAGA, state, succeeded(complete, "order #7"), after(state))
+    assert again.ignored
+    assert again.outbox == ()
+    assert again.state == state
+
+
+def test_a_late_refusal_of_the_timed_out_complete_order_compensates_the_failed_saga() -> None:
+    # Given a saga that ended FAILED because CompleteOrder was never answered
+    failed_saga, complete = failed_after_an_unanswered_complete_order()
+
+    # When the order service's answer finally arrives, saying it refused the order
+    late = on_reply(
+        SAGA, failed_saga.state, failed(complete, "customer_blocked"), after(failed_saga.state)
+    )
+
+    # Then what was done is undone: the payment refunded, then the stock released
+    assert late.ignored is None
+    assert late.state.status is SagaStatus.COMPENSATING
+    assert entries(late.state, "late_reply")
+    assert sent_types(late) == [("payment", RefundPayment)]
+    refunded = on_reply(SAGA, late.state, succeeded(sent(late)), after(late.state))
+    assert sent_types(refunded) == [("inventory", ReleaseStock)]
+    released = on_reply(SAGA, refunded.state, succeeded(sent(refunded)), after(refunded.state))
+    assert released.state.status is SagaStatus.COMPENSATED
+    assert released.state.outcome == "customer_blocked"
+    assert result(released).event.status is SagaStatus.COMPENSATED
+
+
+def reply_to_reserve_stock() -> CommandSucceeded:
+    return succeeded(sent(start(SAGA, place_order(), REPLY_TO, T0)))
+
+
+def reply_to_charge_payment() -> CommandSucceeded:
+    return succeeded(sent(run_until(ChargePayment)[0]))
+
+
+def reply_to_an_unknown_command() -> CommandSucceeded:
+    return succeeded(sent(start(SAGA, place_order(), REPLY_TO, T0))).model_copy(
+        update={"command_id": uuid4()}
+    )
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [reply_to_reserve_stock, reply_to_charge_payment, reply_to_an_unknown_command],
+    ids=lambda build: build.__name__,
+)
+def test_other_replies_to_a_failed_saga_are_still_ignored(reply: Callable[[], Reply]) -> None:
+    failed_saga, _ = failed_after_an_unanswered_complete_order()
+
+    stray = on_reply(SAGA, failed_saga.state, reply(), after(failed_saga.state))
+
+    assert stray.ignored
+    assert stray.outbox == ()
+    assert stray.state == failed_saga.state
+
+
+def test_a_late_answer_to_an_unanswered_compensation_does_not_reopen_a_failed_saga() -> None:
+    # Given a saga that ended FAILED because RefundPayment was never answered
+    failed_saga, refund = failed_after_an_unanswered_refund()
+
+    # When the refund's answer arrives after all, it is ignored: an operator retries instead
+    late = on_reply(SAGA, failed_saga.state, succeeded(refund), after(failed_saga.state))
+
+    assert late.ignored
+    assert late.outbox == ()
+    assert late.state == failed_saga.state
