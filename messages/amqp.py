@@ -20,15 +20,15 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     ExchangeType,
 )
-from yarl import URL
 
-from messages import topology
+from messages import topology, tracing
 from messages.codec import Wire, decode, encode
 from messages.errors import ConfigurationError, DecodeError, PublishFailedError, Rejected
 from messages.logs import saga_context
 from messages.metrics import DEAD_LETTERED
 from messages.models import AnyMessage, Envelope
 from messages.settings import BrokerSettings
+from messages.settings import redact as redact  # re-exported: services log URLs through amqp
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,6 @@ BROKER_ERRORS = (
     ConnectionError,
     TimeoutError,
 )
-
-
-def redact(url: str) -> str:
-    """The URL with its password hidden, fit for a log line."""
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else url
 
 
 async def connect(settings: BrokerSettings, name: str) -> AbstractRobustConnection:
@@ -120,7 +114,9 @@ async def declare_topology(channel: AbstractChannel) -> Exchanges:
     return Exchanges(requests, commands, replies, events, dead, channel.default_exchange)
 
 
-def to_amqp(wire: Wire, *, reply_to: str | None = None) -> aio_pika.Message:
+def to_amqp(
+    wire: Wire, *, reply_to: str | None = None, headers: dict[str, str] | None = None
+) -> aio_pika.Message:
     """An aio-pika message with the properties we set on every publish."""
     return aio_pika.Message(
         wire.body,
@@ -130,6 +126,7 @@ def to_amqp(wire: Wire, *, reply_to: str | None = None) -> aio_pika.Message:
         correlation_id=wire.correlation_id,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         reply_to=reply_to,
+        headers=dict(headers or {}),
     )
 
 
@@ -140,6 +137,7 @@ async def publish(
     *,
     mandatory: bool = True,
     reply_to: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> None:
     """Publish and wait for the broker's confirm; raise PublishFailedError when there is none.
 
@@ -149,7 +147,7 @@ async def publish(
     wire = message if isinstance(message, Wire) else encode(message)
     try:
         result = await exchange.publish(
-            to_amqp(wire, reply_to=reply_to), routing_key, mandatory=mandatory
+            to_amqp(wire, reply_to=reply_to, headers=headers), routing_key, mandatory=mandatory
         )
     except BROKER_ERRORS as exc:
         raise PublishFailedError(
@@ -218,7 +216,10 @@ async def consume(
         except DecodeError as exc:
             await _reject(incoming, exc.reason, exc.detail)
             return
-        with saga_context(message.saga_id, step=message.type, message_id=message.message_id):
+        with (
+            saga_context(message.saga_id, step=message.type, message_id=message.message_id),
+            tracing.consuming(incoming.headers, f"{queue_name} {message.type}"),
+        ):
             try:
                 await handler(message, incoming)
             except Rejected as exc:

@@ -12,12 +12,11 @@ from collections.abc import Callable, Iterator
 import pika
 import pika.exceptions
 
-from messages import topology
-from messages.amqp import redact
+from messages import topology, tracing
 from messages.codec import decode, encode
 from messages.errors import ConfigurationError, DecodeError, SagaError
 from messages.models import AnyMessage, Envelope
-from messages.settings import check_amqp_url
+from messages.settings import check_amqp_url, redact
 
 
 class Client:
@@ -28,7 +27,7 @@ class Client:
         try:
             check_amqp_url(url)
         except ValueError as exc:
-            raise ConfigurationError(f"bad RabbitMQ URL {url!r}: {exc}") from None
+            raise ConfigurationError(f"bad RabbitMQ URL {redact(url)!r}: {exc}") from None
         try:
             self._connection = pika.BlockingConnection(pika.URLParameters(url))
         except (pika.exceptions.AMQPError, OSError, ValueError, IndexError) as exc:
@@ -64,6 +63,7 @@ class Client:
             delivery_mode=wire.delivery_mode,
             timestamp=int(wire.timestamp),
             reply_to=self.reply_queue,
+            headers={tracing.HEADER: tracing.new_traceparent()},
         )
         try:
             self._channel.basic_publish(

@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from typing import Literal
 from uuid import UUID
 
+from messages.tracing import current_trace_id
+
 _saga_id: ContextVar[str] = ContextVar("saga_id", default="-")
 _step: ContextVar[str | None] = ContextVar("step", default=None)
 _message_id: ContextVar[str | None] = ContextVar("message_id", default=None)
@@ -24,6 +26,8 @@ class _ContextFilter(logging.Filter):
         for name, var in (("saga_id", _saga_id), ("step", _step), ("message_id", _message_id)):
             if not hasattr(record, name):
                 setattr(record, name, var.get())
+        if not hasattr(record, "trace_id"):
+            record.trace_id = current_trace_id()
         return True
 
 
@@ -37,7 +41,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for name in ("saga_id", "step", "message_id"):
+        for name in ("saga_id", "step", "message_id", "trace_id"):
             value = getattr(record, name, None)
             if value not in (None, "-"):
                 entry[name] = str(value)

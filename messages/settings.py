@@ -21,9 +21,23 @@ def check_amqp_url(url: str) -> str:
         port = parsed.port
     except ValueError as exc:
         raise ValueError(f"not a URL: {exc}") from None
-    if parsed.scheme not in ("amqp", "amqps") or not parsed.host or port is None:
+    del port  # read only to reject a bad one; none given means the scheme's default
+    if parsed.scheme not in ("amqp", "amqps") or not parsed.host:
         raise ValueError("expected amqp://user:password@host:port/vhost (or amqps://)")
     return url
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, fit for a log line or an error message."""
+    try:
+        parsed = URL(url)
+        return str(parsed.with_password("***")) if parsed.password else url
+    except ValueError:
+        return "(an unreadable URL)"
+
+
+def _shown(field: object, value: object) -> object:
+    return redact(value) if field == "amqp_url" and isinstance(value, str) else value
 
 
 def load(cls: type[S]) -> S:
@@ -32,7 +46,7 @@ def load(cls: type[S]) -> S:
         return cls()
     except ValidationError as exc:
         problems = "; ".join(
-            f"SAGA_{str(e['loc'][0]).upper()}={e['input']!r}: "
+            f"SAGA_{str(e['loc'][0]).upper()}={_shown(e['loc'][0], e['input'])!r}: "
             + e["msg"].removeprefix("Value error, ")
             for e in exc.errors()
         )

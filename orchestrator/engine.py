@@ -37,6 +37,7 @@ class SagaState(BaseModel):
     saga_id: UUID
     request: PlaceOrder
     reply_to: str | None = None
+    traceparent: str | None = None  # the request's W3C trace context, carried by every command
     status: SagaStatus = SagaStatus.RUNNING
     step: int = 0  # the step running, or the step being compensated
     attempt: int = 0  # sends of the pending command so far
@@ -89,11 +90,20 @@ class Decision:
 
 
 def start(
-    definition: SagaDefinition, request: PlaceOrder, reply_to: str | None, now: datetime
+    definition: SagaDefinition,
+    request: PlaceOrder,
+    reply_to: str | None,
+    now: datetime,
+    traceparent: str | None = None,
 ) -> Decision:
     """A new saga for ``request``: send the first step's command."""
     state = SagaState(
-        saga_id=request.saga_id, request=request, reply_to=reply_to, created_at=now, updated_at=now
+        saga_id=request.saga_id,
+        request=request,
+        reply_to=reply_to,
+        traceparent=traceparent,
+        created_at=now,
+        updated_at=now,
     )
     state = _record(
         state,

@@ -13,7 +13,7 @@ import logging
 
 from aio_pika.abc import AbstractExchange
 
-from messages import amqp
+from messages import amqp, tracing
 from messages.errors import PublishFailedError
 from messages.logs import saga_context
 from orchestrator.store import OutboxMessage, SagaStore
@@ -79,7 +79,7 @@ class OutboxRelay:
                 row.wire,
                 row.routing_key,
                 mandatory=row.mandatory,
-                reply_to=row.reply_to,
+                headers={tracing.HEADER: row.traceparent} if row.traceparent else None,
             )
         except PublishFailedError as exc:
             with saga_context(row.wire.correlation_id):

@@ -16,7 +16,7 @@ from uuid import UUID
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from messages import amqp, topology
+from messages import amqp, topology, tracing
 from messages.amqp import Exchanges
 from messages.batching import GroupCommit
 from messages.codec import encode
@@ -57,25 +57,21 @@ def definition_from(settings: OrchestratorSettings) -> SagaDefinition:
 
 def to_outbox(decision: engine.Decision) -> list[OutboxMessage]:
     """Where each decided message goes on the broker."""
+    trace = decision.state.traceparent
     rows = []
     for out in decision.outbox:
         if isinstance(out, engine.SendCommand):
+            command = encode(out.command)
             rows.append(
-                OutboxMessage(topology.COMMANDS_EXCHANGE, out.participant, encode(out.command))
+                OutboxMessage(topology.COMMANDS_EXCHANGE, out.participant, command, True, trace)
             )
             continue
-        wire = encode(out.event)
         # Nobody may be listening for results: unroutable is fine, not an error.
-        rows.append(
-            OutboxMessage(
-                topology.EVENTS_EXCHANGE,
-                topology.event_routing_key(out.event.status),
-                wire,
-                mandatory=False,
-            )
-        )
+        wire = encode(out.event)
+        key = topology.event_routing_key(out.event.status)
+        rows.append(OutboxMessage(topology.EVENTS_EXCHANGE, key, wire, False, trace))
         if out.reply_to:
-            rows.append(OutboxMessage("", out.reply_to, wire, mandatory=False))
+            rows.append(OutboxMessage("", out.reply_to, wire, False, trace))
     return rows
 
 
@@ -151,7 +147,8 @@ class Orchestrator:
         def decide(state: engine.SagaState | None) -> engine.Decision:
             if state is not None:
                 return engine.Decision(state, ignored=f"repeated request: saga is {state.status}")
-            return engine.start(self.definition, message, incoming.reply_to, self.now())
+            trace = tracing.outgoing().get(tracing.HEADER)
+            return engine.start(self.definition, message, incoming.reply_to, self.now(), trace)
 
         await self._decide(message.saga_id, decide)
 

@@ -29,7 +29,7 @@ class OutboxMessage:
     routing_key: str
     wire: Wire
     mandatory: bool = True
-    reply_to: str | None = None
+    traceparent: str | None = None  # W3C trace context of the saga
     id: int | None = None  # set once stored
 
 
@@ -100,7 +100,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     exchange       TEXT NOT NULL,
     routing_key    TEXT NOT NULL,
     mandatory      INTEGER NOT NULL,
-    reply_to       TEXT,
+    traceparent    TEXT,
     type           TEXT NOT NULL,
     message_id     TEXT NOT NULL,
     content_type   TEXT NOT NULL,
@@ -183,7 +183,7 @@ class SqliteStore:
             if updated != 1:
                 raise ConcurrentUpdateError(f"saga {state.saga_id} changed since it was read")
         self._db.executemany(
-            "INSERT INTO outbox (saga_id, exchange, routing_key, mandatory, reply_to, type,"
+            "INSERT INTO outbox (saga_id, exchange, routing_key, mandatory, traceparent, type,"
             " message_id, content_type, timestamp, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
             [
                 (
@@ -191,7 +191,7 @@ class SqliteStore:
                     m.exchange,
                     m.routing_key,
                     int(m.mandatory),
-                    m.reply_to,
+                    m.traceparent,
                     m.wire.type,
                     m.wire.message_id,
                     m.wire.content_type,
@@ -211,7 +211,7 @@ class SqliteStore:
 
     def outbox(self, limit: int, after: int = 0) -> list[OutboxMessage]:
         rows = self._db.execute(
-            "SELECT id, saga_id, exchange, routing_key, mandatory, reply_to, type, message_id,"
+            "SELECT id, saga_id, exchange, routing_key, mandatory, traceparent, type, message_id,"
             " content_type, timestamp, body FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
             (after, limit),
         ).fetchall()
@@ -221,7 +221,7 @@ class SqliteStore:
                 exchange=row[2],
                 routing_key=row[3],
                 mandatory=bool(row[4]),
-                reply_to=row[5],
+                traceparent=row[5],
                 wire=Wire(
                     body=row[10],
                     content_type=row[8],

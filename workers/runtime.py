@@ -21,7 +21,7 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from prometheus_client import Counter, Histogram
 
-from messages import amqp, topology
+from messages import amqp, topology, tracing
 from messages.amqp import Exchanges
 from messages.batching import GroupCommit
 from messages.codec import decode
@@ -222,7 +222,12 @@ def _on_command(
         handled = await group.submit(message)
         # Not acked until the reply is confirmed: a crash here means a redelivery, which
         # the dedupe record answers with this same reply.
-        await amqp.publish(exchanges.replies, handled.reply, topology.REPLY_ROUTING_KEY)
+        await amqp.publish(
+            exchanges.replies,
+            handled.reply,
+            topology.REPLY_ROUTING_KEY,
+            headers=tracing.outgoing(),
+        )
         outcome = "repeat" if handled.repeat else handled.reply.type
         COMMANDS.labels(participant.name, message.type, outcome).inc()
         COMMAND_SECONDS.labels(participant.name, message.type).observe(time.perf_counter() - began)

@@ -210,3 +210,9 @@ def test_json_logs_carry_the_saga_id(stack: Stack) -> None:
         e.get("saga_id") == result["saga_id"] and e.get("step") == "complete_order"
         for e in orchestrator_lines
     )
+
+    # One W3C trace id, started by place_order, follows the saga through every service
+    about_saga = [e for e in lines + orchestrator_lines if e.get("saga_id") == result["saga_id"]]
+    trace_ids = {e.get("trace_id") for e in about_saga}
+    assert len(about_saga) > 5
+    assert len(trace_ids) == 1 and re.fullmatch(r"[0-9a-f]{32}", trace_ids.pop() or "")

@@ -67,7 +67,7 @@ def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
 
 COMPOSE = load_compose()
 SERVICES: dict[str, Service] = COMPOSE.get("services") or {}
-PYTHON_SERVICES = sorted(name for name in SERVICES if name != BROKER)
+PYTHON_SERVICES = sorted(name for name, service in SERVICES.items() if "build" in service)
 
 
 def argv_of(service: Service) -> list[str]:
@@ -383,3 +383,21 @@ def test_dockerfile_check_catches_a_flattening_copy() -> None:
     errors = dockerfile_errors(text, ["messages", "workers"])
     assert len(errors) == 2, errors
     assert dockerfile_errors(text.replace("README.md ", ""), []) != []
+
+
+def test_prometheus_scrapes_every_service_on_its_metrics_port() -> None:
+    config = yaml.safe_load(COMPOSE["configs"]["prometheus"]["content"])
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    scraped = {t for job in jobs.values() for c in job["static_configs"] for t in c["targets"]}
+    expected = {
+        f"{name}:{environment_of(SERVICES[name])['SAGA_METRICS_PORT']}" for name in PYTHON_SERVICES
+    }
+    assert expected <= scraped
+    assert f"{BROKER}:15692" in scraped
+
+
+def test_the_broker_enables_its_prometheus_plugin() -> None:
+    mounts = {c["target"]: c["source"] for c in SERVICES[BROKER]["configs"]}
+    plugins = COMPOSE["configs"][mounts["/etc/rabbitmq/enabled_plugins"]]["content"]
+    assert re.fullmatch(r"\[[a-z_,]+\]\.", plugins.strip())
+    assert {"rabbitmq_management", "rabbitmq_prometheus"} <= set(plugins.strip("[]. \n").split(","))

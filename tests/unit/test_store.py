@@ -28,6 +28,7 @@ from orchestrator.store import OutboxMessage, SqliteStore
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 TIMEOUT_S = 10.0
+TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 SAGA = order_saga(RetryPolicy(TIMEOUT_S, 3), RetryPolicy(5.0, 2))
 
 
@@ -76,7 +77,7 @@ def outbox_of(decision: Decision) -> list[OutboxMessage]:
                     "saga.done",
                     encode(out.event),
                     mandatory=False,
-                    reply_to=out.reply_to,
+                    traceparent=TRACE,
                 )
             )
     return rows
@@ -97,7 +98,9 @@ def answer(decision: Decision, ok: bool, at: datetime) -> Decision:
 
 
 def without_ids(rows: list[OutboxMessage]) -> list[OutboxMessage]:
-    return [OutboxMessage(r.exchange, r.routing_key, r.wire, r.mandatory, r.reply_to) for r in rows]
+    return [
+        OutboxMessage(r.exchange, r.routing_key, r.wire, r.mandatory, r.traceparent) for r in rows
+    ]
 
 
 def commit_advanced(store: SqliteStore, stored: SagaState, decision: Decision) -> SagaState:
@@ -196,7 +199,7 @@ def test_outbox_rows_come_back_in_commit_order_until_done(store: SqliteStore) ->
     pending = store.outbox(100)
     assert without_ids(pending) == rows_a + rows_b
     assert [row.wire.type for row in pending] == ["ReserveStock", "ReserveStock", "SagaFinished"]
-    assert pending[2].reply_to == "amq.gen-reply" and pending[2].mandatory is False
+    assert pending[2].traceparent == TRACE and pending[2].mandatory is False
     assert pending[0].wire.correlation_id == str(a.state.saga_id)
     assert store.outbox(2) == pending[:2]
     assert store.outbox_depth() == 3
