@@ -159,32 +159,22 @@ async def publish(
         )
 
 
-async def dead_letter(
-    dead_letters: AbstractExchange,
-    incoming: AbstractIncomingMessage,
-    queue: str,
-    reason: str,
-    detail: str,
-) -> None:
-    """Copy a delivery to its queue's DLQ with the reason in its headers (then the caller acks)."""
+def _copy(
+    incoming: AbstractIncomingMessage, extra_headers: dict[str, str | int]
+) -> aio_pika.Message:
+    """The delivery as a new persistent message, its headers plus ``extra_headers``."""
     headers = dict(incoming.headers or {})
-    headers.update(
-        {
-            topology.REASON_HEADER: reason,
-            topology.DETAIL_HEADER: detail[:1000],
-            topology.QUEUE_HEADER: queue,
-        }
-    )
-    copy = aio_pika.Message(
+    headers.update(extra_headers)
+    return aio_pika.Message(
         incoming.body,
         content_type=incoming.content_type,
         type=incoming.type,
         message_id=incoming.message_id,
         correlation_id=incoming.correlation_id,
+        reply_to=incoming.reply_to,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         headers=headers,
     )
-    await dead_letters.publish(copy, routing_key=queue, mandatory=True)
 
 
 Handler = Callable[[AnyMessage, AbstractIncomingMessage], Awaitable[None]]
@@ -201,63 +191,109 @@ async def consume(
 
     This is the one place deliveries are acked or dead-lettered. A message that does not
     decode, or that the handler rejects, goes to the DLQ with the reason and is logged once;
-    the consumer keeps going. An unexpected error is retried once, then dead-lettered.
+    the consumer keeps going. A handler that raises gets the message again, from the back
+    of the queue, up to SAGA_MAX_DELIVERIES times; then it is dead-lettered with the error.
     """
+    consumer = _Consumer(queue_name, exchanges, handler, settings)
     queue = await channel.get_queue(queue_name, ensure=False)
+    await queue.consume(consumer.on_message)
 
-    async def on_message(incoming: AbstractIncomingMessage) -> None:
+
+class _Consumer:
+    def __init__(
+        self, queue: str, exchanges: Exchanges, handler: Handler, settings: BrokerSettings
+    ) -> None:
+        self.queue = queue
+        self.exchanges = exchanges
+        self.handler = handler
+        self.settings = settings
+
+    async def on_message(self, incoming: AbstractIncomingMessage) -> None:
         try:
             message = decode(
                 incoming.body,
                 content_type=incoming.content_type,
                 type_hint=incoming.type,
-                max_bytes=settings.max_message_bytes,
+                max_bytes=self.settings.max_message_bytes,
             )
         except DecodeError as exc:
-            await _reject(incoming, exc.reason, exc.detail)
+            await self._dead_letter(incoming, exc.reason, exc.detail)
             return
         with (
             saga_context(message.saga_id, step=message.type, message_id=message.message_id),
-            tracing.consuming(incoming.headers, f"{queue_name} {message.type}"),
+            tracing.consuming(incoming.headers, f"{self.queue} {message.type}"),
         ):
             try:
-                await handler(message, incoming)
+                await self.handler(message, incoming)
             except Rejected as exc:
-                await _reject(incoming, exc.reason, exc.detail)
-                return
+                await self._dead_letter(incoming, exc.reason, exc.detail)
             except PublishFailedError as exc:
                 # Broker trouble, not the message's fault: let it come back.
                 log.warning("requeueing %s: %s", incoming.message_id, exc)
                 await _settle(incoming.nack(requeue=True))
-                return
             except Exception as exc:
-                if not incoming.redelivered:
-                    log.exception("error handling %s; requeueing once", incoming.message_id)
-                    await _settle(incoming.nack(requeue=True))
-                    return
-                log.exception("error handling %s again; dead-lettering", incoming.message_id)
-                await _reject(incoming, "handler_error", repr(exc))
-                return
-        await _settle(incoming.ack())
+                await self._failed(incoming, exc)
+            else:
+                await _settle(incoming.ack())
 
-    async def _reject(incoming: AbstractIncomingMessage, reason: str, detail: str) -> None:
-        DEAD_LETTERED.labels(queue_name, reason).inc()
+    async def _failed(self, incoming: AbstractIncomingMessage, exc: Exception) -> None:
+        """Count the failed delivery in a header; retry later, or give up on it."""
+        seen = (incoming.headers or {}).get(topology.DELIVERIES_HEADER)
+        deliveries = seen if isinstance(seen, int) else 1
+        if deliveries >= self.settings.max_deliveries:
+            log.exception(
+                "error handling %s (delivery %d): giving up", incoming.message_id, deliveries
+            )
+            await self._dead_letter(
+                incoming, "handler_error", f"{exc!r} on {deliveries} deliveries"
+            )
+            return
+        log.exception(
+            "error handling %s (delivery %d): will retry", incoming.message_id, deliveries
+        )
+        # A copy at the back of the queue rather than a requeue at the front: no hot loop,
+        # and the count survives restarts because it travels with the message.
+        retry = _copy(incoming, {topology.DELIVERIES_HEADER: deliveries + 1})
+        await self._replace(incoming, self.exchanges.default, retry, self.queue)
+
+    async def _dead_letter(
+        self, incoming: AbstractIncomingMessage, reason: str, detail: str
+    ) -> None:
+        DEAD_LETTERED.labels(self.queue, reason).inc()
         log.warning(
             "dead-lettering message %s from %s: %s: %s",
             incoming.message_id,
-            queue_name,
+            self.queue,
             reason,
             detail,
         )
+        copy = _copy(
+            incoming,
+            {
+                topology.REASON_HEADER: reason,
+                topology.DETAIL_HEADER: detail[:1000],
+                topology.QUEUE_HEADER: self.queue,
+            },
+        )
+        await self._replace(incoming, self.exchanges.dead_letter, copy, self.queue)
+
+    async def _replace(
+        self,
+        incoming: AbstractIncomingMessage,
+        exchange: AbstractExchange,
+        copy: aio_pika.Message,
+        routing_key: str,
+    ) -> None:
+        """Publish ``copy`` with a confirm, then ack the original; requeue it if that fails."""
         try:
-            await dead_letter(exchanges.dead_letter, incoming, queue_name, reason, detail)
-        except Exception:
-            log.exception("could not dead-letter %s; requeueing", incoming.message_id)
+            result = await exchange.publish(copy, routing_key, mandatory=True)
+            if isinstance(result, aiormq.abc.DeliveredMessage):
+                raise PublishFailedError(f"{exchange.name or '(default)'}/{routing_key} unroutable")
+        except (PublishFailedError, *BROKER_ERRORS) as exc:
+            log.warning("could not move %s (%s); requeueing", incoming.message_id, exc)
             await _settle(incoming.nack(requeue=True))
             return
         await _settle(incoming.ack())
-
-    await queue.consume(on_message)
 
 
 async def _settle(outcome: Awaitable[None]) -> None:

@@ -65,6 +65,11 @@ class BrokerSettings(BaseSettings):
     max_message_bytes: int = Field(
         default=64 * 1024, ge=1024, description="Larger bodies are dead-lettered unread"
     )
+    max_deliveries: int = Field(
+        default=5,
+        ge=1,
+        description="Deliveries of a message whose handling fails before it is dead-lettered",
+    )
     connect_retry_s: float = Field(
         default=2.0, gt=0, description="Wait between attempts to reach the broker"
     )

@@ -26,6 +26,8 @@ PARTICIPANTS: Final = ("inventory", "payment", "order")
 REASON_HEADER: Final = "x-saga-dead-letter-reason"
 DETAIL_HEADER: Final = "x-saga-dead-letter-detail"
 QUEUE_HEADER: Final = "x-saga-original-queue"
+# How many times a message has been handed to a handler that raised (travels with it).
+DELIVERIES_HEADER: Final = "x-saga-deliveries"
 
 
 def command_queue(participant: str) -> str:

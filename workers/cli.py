@@ -18,6 +18,7 @@ from messages.service import run_service
 from messages.settings import load
 from orchestrator.store import open_sqlite
 from workers import inventory, order, payment
+from workers.faults import Faults
 from workers.runtime import Participant, open_db, serve
 from workers.settings import WorkerSettings
 
@@ -115,7 +116,8 @@ async def _run(settings: WorkerSettings, args: argparse.Namespace) -> None:
     connection = await amqp.connect(settings, f"workers:{args.participant}")
     try:
         async with connection:
-            await serve([participants[n] for n in names], dbs, connection, settings)
+            faults = Faults.from_settings(settings)
+            await serve([participants[n] for n in names], dbs, connection, settings, faults)
             await _forever()
     finally:
         for db in dbs.values():

@@ -29,6 +29,7 @@ from messages.errors import Rejected
 from messages.logs import saga_context
 from messages.models import AnyMessage, Command, CommandFailed, CommandSucceeded, Reply
 from messages.settings import BrokerSettings
+from workers.faults import Faults
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +194,18 @@ async def serve(
     dbs: Mapping[str, sqlite3.Connection],
     connection: AbstractRobustConnection,
     settings: BrokerSettings,
+    faults: Faults | None = None,
 ) -> None:
     """Consume each participant's command queue on its own channel; reply with confirms."""
+    faults = faults or Faults()
+    if faults.enabled:
+        log.warning("fault injection is ON: %s", faults)
     publish_channel = await connection.channel(publisher_confirms=True)
     exchanges = await amqp.declare_topology(publish_channel)
     for participant in participants:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=settings.prefetch)
-        handler = _on_command(participant, dbs[participant.name], exchanges)
+        handler = _on_command(participant, dbs[participant.name], exchanges, faults)
         queue = topology.command_queue(participant.name)
         await amqp.consume(channel, queue, exchanges, handler, settings)
         log.info(
@@ -209,7 +214,7 @@ async def serve(
 
 
 def _on_command(
-    participant: Participant, db: sqlite3.Connection, exchanges: Exchanges
+    participant: Participant, db: sqlite3.Connection, exchanges: Exchanges, faults: Faults
 ) -> amqp.Handler:
     group: GroupCommit[Command, Handled] = GroupCommit(
         functools.partial(apply_batch, participant, db)
@@ -220,14 +225,16 @@ def _on_command(
             raise Rejected("unexpected_type", f"{message.type} is not a command")
         began = time.perf_counter()
         handled = await group.submit(message)
+        headers = tracing.outgoing()
+
+        async def reply() -> None:
+            await amqp.publish(
+                exchanges.replies, handled.reply, topology.REPLY_ROUTING_KEY, headers=headers
+            )
+
         # Not acked until the reply is confirmed: a crash here means a redelivery, which
         # the dedupe record answers with this same reply.
-        await amqp.publish(
-            exchanges.replies,
-            handled.reply,
-            topology.REPLY_ROUTING_KEY,
-            headers=tracing.outgoing(),
-        )
+        await faults.send(participant.name, reply)
         outcome = "repeat" if handled.repeat else handled.reply.type
         COMMANDS.labels(participant.name, message.type, outcome).inc()
         COMMAND_SECONDS.labels(participant.name, message.type).observe(time.perf_counter() - began)

@@ -19,6 +19,19 @@ class WorkerSettings(ServiceSettings):
         description="Largest charge payment accepts from a customer with no limit of their own",
     )
 
+    # Fault injection, for chaos runs only: the chance, per command, of each fault.
+    fault_drop_reply: float = Field(default=0.0, ge=0, le=1, description="Never send the reply")
+    fault_delay_reply: float = Field(
+        default=0.0, ge=0, le=1, description="Send the reply SAGA_FAULT_DELAY_S late"
+    )
+    fault_delay_s: float = Field(default=10.0, ge=0, description="How late a delayed reply is")
+    fault_duplicate_reply: float = Field(
+        default=0.0, ge=0, le=1, description="Send the reply twice"
+    )
+    fault_crash_after_commit: float = Field(
+        default=0.0, ge=0, le=1, description="Exit after the commit, before the reply"
+    )
+
     def db_path(self, participant: str) -> Path:
         """Each participant owns its own database file."""
         return self.data_dir / f"{participant}.db"
