@@ -207,6 +207,7 @@ class _Consumer:
         self.exchanges = exchanges
         self.handler = handler
         self.settings = settings
+        self._failures: dict[str, int] = {}  # message id -> deliveries whose handler raised
 
     async def on_message(self, incoming: AbstractIncomingMessage) -> None:
         try:
@@ -237,27 +238,33 @@ class _Consumer:
                 await _settle(incoming.ack())
 
     async def _failed(self, incoming: AbstractIncomingMessage, exc: Exception) -> None:
-        """Count the failed delivery in a header; retry later, or give up on it."""
-        seen = (incoming.headers or {}).get(topology.DELIVERIES_HEADER)
-        deliveries = seen if isinstance(seen, int) else 1
+        """Requeue a delivery whose handler raised, or give up on it after max_deliveries."""
+        key = incoming.message_id or str(incoming.delivery_tag)
+        deliveries = self._failures.pop(key, 0) + 1
         if deliveries >= self.settings.max_deliveries:
-            log.exception(
-                "error handling %s (delivery %d): giving up", incoming.message_id, deliveries
-            )
+            log.exception("error handling %s (delivery %d): giving up", key, deliveries)
             await self._dead_letter(
-                incoming, "handler_error", f"{exc!r} on {deliveries} deliveries"
+                incoming,
+                "handler_error",
+                f"{exc!r} on {deliveries} deliveries",
+                {topology.DELIVERIES_HEADER: deliveries},
             )
             return
-        log.exception(
-            "error handling %s (delivery %d): will retry", incoming.message_id, deliveries
-        )
-        # A copy at the back of the queue rather than a requeue at the front: no hot loop,
-        # and the count survives restarts because it travels with the message.
-        retry = _copy(incoming, {topology.DELIVERIES_HEADER: deliveries + 1})
-        await self._replace(incoming, self.exchanges.default, retry, self.queue)
+        log.exception("error handling %s (delivery %d): will retry", key, deliveries)
+        if len(self._failures) > 10_000:  # forget old ones rather than grow without bound
+            self._failures.clear()
+        self._failures[key] = deliveries
+        # Requeued, not republished: a consumer may write only where its role allows, and
+        # the pause keeps a poison message from spinning while it uses up its deliveries.
+        await asyncio.sleep(min(0.05 * 2**deliveries, 2.0))
+        await _settle(incoming.nack(requeue=True))
 
     async def _dead_letter(
-        self, incoming: AbstractIncomingMessage, reason: str, detail: str
+        self,
+        incoming: AbstractIncomingMessage,
+        reason: str,
+        detail: str,
+        extra: dict[str, str | int] | None = None,
     ) -> None:
         DEAD_LETTERED.labels(self.queue, reason).inc()
         log.warning(
@@ -273,22 +280,14 @@ class _Consumer:
                 topology.REASON_HEADER: reason,
                 topology.DETAIL_HEADER: detail[:1000],
                 topology.QUEUE_HEADER: self.queue,
+                **(extra or {}),
             },
         )
-        await self._replace(incoming, self.exchanges.dead_letter, copy, self.queue)
-
-    async def _replace(
-        self,
-        incoming: AbstractIncomingMessage,
-        exchange: AbstractExchange,
-        copy: aio_pika.Message,
-        routing_key: str,
-    ) -> None:
-        """Publish ``copy`` with a confirm, then ack the original; requeue it if that fails."""
+        # The copy is confirmed before the original is acked: nothing is lost in between.
         try:
-            result = await exchange.publish(copy, routing_key, mandatory=True)
+            result = await self.exchanges.dead_letter.publish(copy, self.queue, mandatory=True)
             if isinstance(result, aiormq.abc.DeliveredMessage):
-                raise PublishFailedError(f"{exchange.name or '(default)'}/{routing_key} unroutable")
+                raise PublishFailedError(f"no dead-letter queue bound for {self.queue}")
         except (PublishFailedError, *BROKER_ERRORS) as exc:
             log.warning("could not move %s (%s); requeueing", incoming.message_id, exc)
             await _settle(incoming.nack(requeue=True))

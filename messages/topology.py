@@ -26,7 +26,7 @@ PARTICIPANTS: Final = ("inventory", "payment", "order")
 REASON_HEADER: Final = "x-saga-dead-letter-reason"
 DETAIL_HEADER: Final = "x-saga-dead-letter-detail"
 QUEUE_HEADER: Final = "x-saga-original-queue"
-# How many times a message has been handed to a handler that raised (travels with it).
+# On a message dead-lettered after its handler kept raising: how many deliveries it got.
 DELIVERIES_HEADER: Final = "x-saga-deliveries"
 
 
