@@ -27,7 +27,7 @@ from messages.errors import ConfigurationError, DecodeError, PublishFailedError,
 from messages.logs import saga_context
 from messages.metrics import DEAD_LETTERED
 from messages.models import AnyMessage, Envelope
-from messages.settings import BrokerSettings
+from messages.settings import BrokerSettings, tls_context
 from messages.settings import redact as redact  # re-exported: services log URLs through amqp
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ async def connect(settings: BrokerSettings, name: str) -> AbstractRobustConnecti
                 settings.amqp_url,
                 client_properties={"connection_name": name},
                 reconnect_interval=settings.connect_retry_s,
+                ssl_context=tls_context(settings.amqp_url, settings.ca_file),
             )
         except aiormq.exceptions.ProbableAuthenticationError as exc:
             raise ConfigurationError(
@@ -89,8 +90,14 @@ class Exchanges:
     default: AbstractExchange
 
 
-async def declare_topology(channel: AbstractChannel) -> Exchanges:
-    """Declare every exchange and queue (idempotent: same arguments every time)."""
+async def declare_topology(channel: AbstractChannel, declare: bool = True) -> Exchanges:
+    """Declare every exchange and queue (idempotent: same arguments every time).
+
+    With ``declare`` off, only check that they exist: passive declarations need no
+    permissions, so a least-privileged service can start once `saga provision` has run.
+    """
+    if not declare:
+        return await _existing_topology(channel)
     direct, topic = ExchangeType.DIRECT, ExchangeType.TOPIC
     requests = await channel.declare_exchange(topology.REQUESTS_EXCHANGE, direct, durable=True)
     commands = await channel.declare_exchange(topology.COMMANDS_EXCHANGE, direct, durable=True)
@@ -111,6 +118,27 @@ async def declare_topology(channel: AbstractChannel) -> Exchanges:
             },
         )
         await queue.bind(exchange_name, routing_key=routing_key)
+    return Exchanges(requests, commands, replies, events, dead, channel.default_exchange)
+
+
+async def _existing_topology(channel: AbstractChannel) -> Exchanges:
+    names = (
+        topology.REQUESTS_EXCHANGE,
+        topology.COMMANDS_EXCHANGE,
+        topology.REPLIES_EXCHANGE,
+        topology.EVENTS_EXCHANGE,
+        topology.DEAD_LETTER_EXCHANGE,
+    )
+    try:
+        found = [await channel.get_exchange(name, ensure=True) for name in names]
+        for queue_name, _, _ in topology.consumed_queues():
+            await channel.get_queue(queue_name, ensure=True)
+    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        raise ConfigurationError(
+            f"the saga topology is not there ({exc.args[0] if exc.args else exc}): run "
+            "`saga provision` first, or let services declare it with SAGA_DECLARE_TOPOLOGY=true"
+        ) from exc
+    requests, commands, replies, events, dead = found
     return Exchanges(requests, commands, replies, events, dead, channel.default_exchange)
 
 

@@ -8,28 +8,36 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pika
 import pika.exceptions
+from yarl import URL
 
 from messages import topology, tracing
 from messages.codec import decode, encode
 from messages.errors import ConfigurationError, DecodeError, SagaError
 from messages.models import AnyMessage, Envelope
-from messages.settings import check_amqp_url, redact
+from messages.settings import check_amqp_url, redact, tls_context
 
 
 class Client:
     """One connection and channel, with publisher confirms and an exclusive reply queue."""
 
-    def __init__(self, url: str, *, watch_events: bool = False) -> None:
+    def __init__(
+        self, url: str, *, watch_events: bool = False, ca_file: Path | None = None
+    ) -> None:
         """Connect; with ``watch_events`` the reply queue also gets every SagaFinished."""
         try:
             check_amqp_url(url)
         except ValueError as exc:
             raise ConfigurationError(f"bad RabbitMQ URL {redact(url)!r}: {exc}") from None
+        parameters = pika.URLParameters(url)
+        context = tls_context(url, ca_file)
+        if context is not None:
+            parameters.ssl_options = pika.SSLOptions(context, URL(url).host)
         try:
-            self._connection = pika.BlockingConnection(pika.URLParameters(url))
+            self._connection = pika.BlockingConnection(parameters)
         except (pika.exceptions.AMQPError, OSError, ValueError, IndexError) as exc:
             raise SagaError(f"cannot reach RabbitMQ at {redact(url)}: {exc!r}") from exc
         self._channel = self._connection.channel()

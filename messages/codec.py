@@ -63,7 +63,8 @@ def decode(
     if type_hint and type_hint not in MESSAGE_TYPES:
         raise DecodeError("unknown_type", f"unknown message type {type_hint!r}")
     try:
-        message = _ADAPTER.validate_json(body)
+        # Strict: a quantity of true or "2" is an error to report, not a value to guess.
+        message = _ADAPTER.validate_json(body, strict=True)
     except ValidationError as exc:
         raise DecodeError(_reason(exc), _summary(exc)) from exc
     if type_hint and type_hint != message.type:

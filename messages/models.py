@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Annotated, Literal
 from uuid import UUID, uuid4
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
 SCHEMA_VERSION = 1
 
@@ -22,6 +22,28 @@ SCHEMA_VERSION = 1
 def utc_now() -> datetime:
     """The current time, timezone-aware in UTC (all timestamps on the wire are UTC)."""
     return datetime.now(UTC)
+
+
+_AMOUNT = re.compile(r"^\d{1,10}(\.\d{1,2})?$")
+
+
+def _decimal_text(value: object) -> object:
+    """On the wire an amount is a plain decimal string: never a float, never '1e2'."""
+    if isinstance(value, str):
+        if not _AMOUNT.match(value):
+            raise ValueError(
+                "an amount is a decimal string like '25.00': up to 10 digits, 2 places"
+            )
+        return Decimal(value)
+    if isinstance(value, bool | int | float):
+        raise ValueError("an amount is a decimal string like '25.00', not a number")
+    return value
+
+
+def _no_bool(value: object) -> object:
+    if isinstance(value, bool):  # True == 1 in Python; on the wire it is not a version
+        raise ValueError("expected the number 1")
+    return value
 
 
 def _two_places(value: Decimal) -> Decimal:
@@ -37,6 +59,7 @@ class Money(BaseModel):
 
     amount: Annotated[
         Decimal,
+        BeforeValidator(_decimal_text),
         Field(gt=0, max_digits=12, allow_inf_nan=False, description="Positive amount"),
         AfterValidator(_two_places),
     ]
@@ -71,8 +94,8 @@ class Envelope(BaseModel):
 
     message_id: UUID = Field(default_factory=uuid4, description="Unique per message")
     saga_id: UUID = Field(description="The saga this message belongs to")
-    schema_version: Literal[1] = 1
-    created_at: datetime = Field(default_factory=utc_now)
+    schema_version: Annotated[Literal[1], BeforeValidator(_no_bool)] = 1
+    created_at: AwareDatetime = Field(default_factory=utc_now)
     type: str  # each message narrows this to a Literal: the tag the decoder dispatches on
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -12,6 +13,16 @@ from yarl import URL
 from messages.errors import ConfigurationError
 
 S = TypeVar("S", bound=BaseSettings)
+
+
+def tls_context(url: str, ca_file: Path | None) -> ssl.SSLContext | None:
+    """For an amqps:// URL, a context that verifies the broker (with ``ca_file`` if given)."""
+    if URL(url).scheme != "amqps":
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(f"SAGA_CA_FILE={ca_file}: cannot load it: {exc}") from exc
 
 
 def check_amqp_url(url: str) -> str:
@@ -64,6 +75,13 @@ class BrokerSettings(BaseSettings):
     prefetch: int = Field(default=64, ge=1, le=65535, description="Unacked deliveries per consumer")
     max_message_bytes: int = Field(
         default=64 * 1024, ge=1024, description="Larger bodies are dead-lettered unread"
+    )
+    declare_topology: bool = Field(
+        default=True,
+        description="Declare exchanges and queues at start; false: only check they exist",
+    )
+    ca_file: Path | None = Field(
+        default=None, description="CA certificate(s) to verify the broker with, for amqps://"
     )
     max_deliveries: int = Field(
         default=5,

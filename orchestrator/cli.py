@@ -7,6 +7,7 @@ abort) send a message to the orchestrator, which decides and records them like a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import json
 import re
@@ -32,6 +33,7 @@ from messages.service import run_service
 from messages.settings import load
 from messages.timeline import format_timeline
 from orchestrator.engine import SAGA, SagaState
+from orchestrator.provision import ProvisionSettings, provision
 from orchestrator.runtime import Orchestrator
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.store import SqliteStore
@@ -59,6 +61,9 @@ def build_parser(prog: str = "saga") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="The order saga orchestrator.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="consume requests and replies until interrupted")
+    sub.add_parser(
+        "provision", help="create one RabbitMQ user per service and declare the topology"
+    )
 
     listing = sub.add_parser("list", help="list sagas, newest first")
     listing.add_argument(
@@ -98,6 +103,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "saga") -> int:
     """Entry point; returns the process exit code."""
     args = build_parser(prog).parse_args(argv)
     try:
+        if args.command == "provision":
+            return _provision()
         settings = load(OrchestratorSettings)
         logs.configure(settings.log_level, settings.log_format)
         if args.command == "run":
@@ -120,6 +127,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "saga") -> int:
 def module_main() -> int:
     """`python -m orchestrator`, same commands as `saga`."""
     return main(prog="python -m orchestrator")
+
+
+def _provision() -> int:
+    settings = load(ProvisionSettings)
+    logs.configure(settings.log_level, settings.log_format)
+    for line in asyncio.run(provision(settings)):
+        print(line)
+    return 0
 
 
 def _run(settings: OrchestratorSettings) -> int:
@@ -244,7 +259,7 @@ def _steer(settings: OrchestratorSettings, args: argparse.Namespace) -> int:
     def about_this_saga(message: AnyMessage) -> bool:
         return isinstance(message, SagaFinished | ActionRefused) and message.saga_id == args.saga_id
 
-    with Client(settings.amqp_url, watch_events=True) as client:
+    with Client(settings.amqp_url, watch_events=True, ca_file=settings.ca_file) as client:
         client.request(action)
         answer = client.wait_for(about_this_saga, args.timeout)
     if isinstance(answer, ActionRefused):

@@ -100,7 +100,9 @@ class Orchestrator:
         connection = await amqp.connect(self.settings, "orchestrator")
         async with connection:
             publish_channel = await connection.channel(publisher_confirms=True)
-            exchanges = self._exchanges = await amqp.declare_topology(publish_channel)
+            exchanges = self._exchanges = await amqp.declare_topology(
+                publish_channel, self.settings.declare_topology
+            )
             consume_channel = await connection.channel()
             await consume_channel.set_qos(prefetch_count=self.settings.prefetch)
             depth = self.store.outbox_depth()

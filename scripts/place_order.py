@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         build_request(args)  # refuse bad input before touching the broker
-        url = args.url or load(BrokerSettings).amqp_url
-        with Client(url) as client:
+        settings = load(BrokerSettings)
+        with Client(args.url or settings.amqp_url, ca_file=settings.ca_file) as client:
             if args.count == 1:
                 return place_one(client, args)
             return place_many(client, args)

@@ -201,7 +201,7 @@ async def serve(
     if faults.enabled:
         log.warning("fault injection is ON: %s", faults)
     publish_channel = await connection.channel(publisher_confirms=True)
-    exchanges = await amqp.declare_topology(publish_channel)
+    exchanges = await amqp.declare_topology(publish_channel, settings.declare_topology)
     for participant in participants:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=settings.prefetch)

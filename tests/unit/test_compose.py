@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -29,6 +30,7 @@ from pydantic_settings import BaseSettings
 from messages.errors import ConfigurationError
 from messages.topology import PARTICIPANTS
 from orchestrator import cli as orchestrator_cli
+from orchestrator.provision import ProvisionSettings, permissions
 from orchestrator.settings import OrchestratorSettings
 from workers import cli as workers_cli
 from workers.settings import WorkerSettings
@@ -45,9 +47,11 @@ PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "orchestrator": orchestrator_cli.build_parser,
     "workers": workers_cli.build_parser,
 }
+# The settings class of each process a service may run, by `process_of`.
 SETTINGS: dict[str, type[BaseSettings]] = {
     "orchestrator": OrchestratorSettings,
     "workers": WorkerSettings,
+    "provision": ProvisionSettings,
 }
 # The packages the image needs even if pyproject's list were to shrink by mistake.
 REQUIRED_PACKAGES = ("messages", "orchestrator", "workers")
@@ -68,6 +72,10 @@ def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
 COMPOSE = load_compose()
 SERVICES: dict[str, Service] = COMPOSE.get("services") or {}
 PYTHON_SERVICES = sorted(name for name, service in SERVICES.items() if "build" in service)
+# The long-running ones, with state of their own (provision runs once and keeps none).
+STATEFUL_SERVICES = [
+    name for name in PYTHON_SERVICES if SERVICES[name].get("restart", "no") != "no"
+]
 
 
 def argv_of(service: Service) -> list[str]:
@@ -85,13 +93,27 @@ def module_of(argv: list[str]) -> str | None:
     return None
 
 
+_VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def interpolate(value: str) -> str:
+    """Compose's ${VAR:-default}, as on a machine where VAR is not set."""
+    return _VARIABLE.sub(lambda match: match.group(2) or "", value)
+
+
 def environment_of(service: Service) -> dict[str, str]:
-    """The environment as a dict, from either the mapping or the list form."""
+    """The environment as a dict (either form), with ${VAR:-default} resolved to defaults."""
     env = service.get("environment") or {}
     if isinstance(env, list):
         pairs = (item.partition("=") for item in env)
-        return {key: value for key, _, value in pairs}
-    return {str(key): "" if value is None else str(value) for key, value in env.items()}
+        return {key: interpolate(value) for key, _, value in pairs}
+    return {str(k): "" if v is None else interpolate(str(v)) for k, v in env.items()}
+
+
+def process_of(argv: list[str]) -> str | None:
+    """Which settings class the command reads: the module's, or provision's."""
+    module = module_of(argv)
+    return "provision" if module == "orchestrator" and argv[3:4] == ["provision"] else module
 
 
 def volume_mounts(service: Service) -> dict[str, str]:
@@ -263,7 +285,7 @@ def test_service_command_parses(name: str) -> None:
 
 @pytest.mark.parametrize("name", PYTHON_SERVICES)
 def test_service_environment_is_real_settings(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    module = module_of(argv_of(SERVICES[name]))
+    module = process_of(argv_of(SERVICES[name]))
     assert module in SETTINGS, f"{name}: no settings class known for {module!r}"
     env = environment_of(SERVICES[name])
     assert env_errors(module, env) == []
@@ -273,7 +295,7 @@ def test_service_environment_is_real_settings(name: str, monkeypatch: pytest.Mon
         pytest.fail(f"{name}: its environment does not validate:\n{exc}")
 
 
-@pytest.mark.parametrize("name", PYTHON_SERVICES)
+@pytest.mark.parametrize("name", STATEFUL_SERVICES)
 def test_service_data_dir_is_a_named_volume(name: str) -> None:
     assert data_dir_errors(name, SERVICES[name], COMPOSE.get("volumes") or {}) == []
 
@@ -281,7 +303,7 @@ def test_service_data_dir_is_a_named_volume(name: str) -> None:
 def test_each_service_has_its_own_data_volume() -> None:
     sources = [
         volume_mounts(SERVICES[name]).get(environment_of(SERVICES[name]).get("SAGA_DATA_DIR", ""))
-        for name in PYTHON_SERVICES
+        for name in STATEFUL_SERVICES
     ]
     duplicates = [source for source, count in Counter(sources).items() if count > 1]
     assert duplicates == []
@@ -390,7 +412,8 @@ def test_prometheus_scrapes_every_service_on_its_metrics_port() -> None:
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     scraped = {t for job in jobs.values() for c in job["static_configs"] for t in c["targets"]}
     expected = {
-        f"{name}:{environment_of(SERVICES[name])['SAGA_METRICS_PORT']}" for name in PYTHON_SERVICES
+        f"{name}:{environment_of(SERVICES[name])['SAGA_METRICS_PORT']}"
+        for name in STATEFUL_SERVICES
     }
     assert expected <= scraped
     assert f"{BROKER}:15692" in scraped
@@ -401,3 +424,26 @@ def test_the_broker_enables_its_prometheus_plugin() -> None:
     plugins = COMPOSE["configs"][mounts["/etc/rabbitmq/enabled_plugins"]]["content"]
     assert re.fullmatch(r"\[[a-z_,]+\]\.", plugins.strip())
     assert {"rabbitmq_management", "rabbitmq_prometheus"} <= set(plugins.strip("[]. \n").split(","))
+
+
+def test_each_service_logs_in_as_its_own_provisioned_user() -> None:
+    provision = environment_of(SERVICES["provision"])
+    assert "provision" in [p for name in STATEFUL_SERVICES for p in SERVICES[name]["depends_on"]], (
+        "services must wait for provision"
+    )
+    users = set()
+    for name in STATEFUL_SERVICES:
+        url = urlsplit(environment_of(SERVICES[name])["SAGA_AMQP_URL"])
+        role = name if url.username in permissions() else None
+        assert url.username == role, f"{name} logs in as {url.username!r}, not as itself"
+        assert url.password == provision[f"SAGA_{name.upper()}_PASSWORD"], name
+        assert environment_of(SERVICES[name])["SAGA_DECLARE_TOPOLOGY"] == "false", name
+        users.add(url.username)
+    assert "guest" not in users
+    broker_user = environment_of(SERVICES[BROKER])["RABBITMQ_DEFAULT_USER"]
+    assert urlsplit(provision["SAGA_AMQP_URL"]).username == broker_user
+
+
+def test_interpolation_resolves_defaults() -> None:
+    assert interpolate("amqp://u:${PW:-secret}@h/") == "amqp://u:secret@h/"
+    assert interpolate("${UNSET}") == ""

@@ -173,6 +173,13 @@ def test_unknown_fields_inside_money_are_rejected() -> None:
         float("inf"),
         "Infinity",
         "ten",
+        1.5,  # never a float, even a harmless one
+        7,
+        True,
+        "1e2",
+        " 25.00 ",
+        "1_000",
+        "12345678901.00",
     ],
     ids=repr,
 )
@@ -191,9 +198,9 @@ def test_money_rejects_bad_currencies(currency: str) -> None:
     ("amount", "expected"),
     [
         (Decimal("25.00"), Decimal("25.00")),
-        (1.5, Decimal("1.5")),
+        (Decimal("1.5"), Decimal("1.5")),
         ("0.01", Decimal("0.01")),
-        (7, Decimal("7")),
+        ("9999999999.99", Decimal("9999999999.99")),
     ],
     ids=repr,
 )

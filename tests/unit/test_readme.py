@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from orchestrator.cli import build_parser as orchestrator_parser
+from orchestrator.provision import ProvisionSettings
 from orchestrator.settings import OrchestratorSettings
 from workers.cli import build_parser as workers_parser
 from workers.settings import WorkerSettings
@@ -20,8 +21,15 @@ def documented_settings() -> dict[str, str]:
 
 
 def real_settings() -> dict[str, str]:
-    fields = {**OrchestratorSettings.model_fields, **WorkerSettings.model_fields}
-    return {f"SAGA_{name.upper()}": str(field.default) for name, field in fields.items()}
+    fields = {
+        **OrchestratorSettings.model_fields,
+        **WorkerSettings.model_fields,
+        **ProvisionSettings.model_fields,
+    }
+    return {
+        f"SAGA_{name.upper()}": "(required)" if field.is_required() else str(field.default)
+        for name, field in fields.items()
+    }
 
 
 def test_every_setting_is_documented_with_its_default() -> None:
