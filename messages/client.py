@@ -20,6 +20,8 @@ from messages.errors import ConfigurationError, DecodeError, SagaError
 from messages.models import AnyMessage, Envelope
 from messages.settings import check_amqp_url, redact, tls_context
 
+_NOT_RUNNING = "is the orchestrator running? It declares the saga queues at start."
+
 
 class Client:
     """One connection and channel, with publisher confirms and an exclusive reply queue."""
@@ -90,12 +92,20 @@ class Client:
         """Messages arriving on the reply queue until ``timeout`` seconds have passed."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            method, properties, body = next(
-                self._channel.consume(self.reply_queue, inactivity_timeout=left)
-            )
-            if method is None:
-                break
-            self._channel.basic_ack(method.delivery_tag)
+            try:
+                method, properties, body = next(
+                    self._channel.consume(self.reply_queue, inactivity_timeout=left)
+                )
+                if method is None:
+                    break
+                self._channel.basic_ack(method.delivery_tag)
+            except pika.exceptions.AMQPError as exc:
+                # The reply queue dies with the connection, so answers cannot be resumed;
+                # what was already published is durable and goes on without us.
+                raise SagaError(
+                    f"lost the connection to RabbitMQ while waiting ({exc!r}); anything "
+                    "already sent is queued and will still be processed: check with saga show"
+                ) from exc
             try:
                 yield decode(body, content_type=properties.content_type, type_hint=properties.type)
             except DecodeError:
@@ -107,10 +117,3 @@ class Client:
             if accept(message):
                 return message
         return None
-
-    def process_events(self, seconds: float) -> None:
-        """Let pika service the connection (heartbeats) for a moment."""
-        self._connection.process_data_events(seconds)
-
-
-_NOT_RUNNING = "is the orchestrator running? It declares the saga queues at start."
