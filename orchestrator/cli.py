@@ -31,7 +31,7 @@ from messages.models import (
 )
 from messages.service import run_service
 from messages.settings import load
-from messages.timeline import format_timeline
+from messages.timeline import format_timeline, render_result
 from orchestrator.engine import SAGA, SagaState
 from orchestrator.provision import ProvisionSettings, provision
 from orchestrator.runtime import Orchestrator
@@ -270,10 +270,5 @@ def _steer(settings: OrchestratorSettings, args: argparse.Namespace) -> int:
             f"(see: saga show {args.saga_id})"
         )
         return 2
-    if args.json:
-        print(answer.model_dump_json(include={"saga_id", "status", "reason", "history"}, indent=2))
-    else:
-        reason = f" ({answer.reason})" if answer.reason else ""
-        print(f"saga {answer.saga_id}: {answer.status}{reason}")
-        print(format_timeline(answer.history))
+    print(render_result(answer, args.json))
     return 0 if answer.status is not SagaStatus.FAILED else 1

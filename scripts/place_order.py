@@ -23,7 +23,7 @@ from messages.client import Client
 from messages.errors import SagaError
 from messages.models import AnyMessage, PlaceOrder, SagaFinished, SagaStatus, parse_money
 from messages.settings import BrokerSettings, load
-from messages.timeline import format_timeline
+from messages.timeline import render_result
 
 FLAGS = {"customer_id": "--customer", "sku": "--sku", "quantity": "--qty", "amount": "--amount"}
 EXIT_CODES = {SagaStatus.COMPLETED: 0, SagaStatus.COMPENSATED: 1, SagaStatus.FAILED: 2}
@@ -98,12 +98,7 @@ def place_one(client: Client, args: argparse.Namespace) -> int:
                 f"Check later with: saga show {request.saga_id}"
             )
         return 2
-    if args.json:
-        print(result.model_dump_json(include={"saga_id", "status", "reason", "history"}, indent=2))
-    else:
-        reason = f" ({result.reason})" if result.reason else ""
-        print(f"saga {result.saga_id}: {result.status}{reason}")
-        print(format_timeline(result.history))
+    print(render_result(result, args.json))
     return EXIT_CODES[result.status]
 
 
