@@ -223,7 +223,9 @@ async def consume(
     of the queue, up to SAGA_MAX_DELIVERIES times; then it is dead-lettered with the error.
     """
     consumer = _Consumer(queue_name, exchanges, handler, settings)
-    queue = await channel.get_queue(queue_name, ensure=False)
+    # ensure=True declares it passively, which is what makes a robust channel re-consume
+    # it after a reconnect (a queue merely looked up is not restored).
+    queue = await channel.get_queue(queue_name, ensure=True)
     await queue.consume(consumer.on_message)
 
 

@@ -8,6 +8,8 @@ import signal
 from collections.abc import Coroutine
 from typing import Any
 
+import uvloop
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +25,8 @@ def run_service(main: Coroutine[Any, Any, None]) -> int:
         await main
 
     try:
-        asyncio.run(wrapper())
+        # uvloop: the same asyncio, with its I/O loop in C; aio-pika spends much of its time there.
+        uvloop.run(wrapper())
     except asyncio.CancelledError:
         log.info("stopped")
     return 0

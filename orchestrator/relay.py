@@ -1,14 +1,14 @@
 """The outbox relay: publish committed messages, forget them once the broker confirms.
 
 Publishing never waits for the previous confirm: rows go out as soon as they are committed,
-confirms come back asynchronously, and confirmed rows are deleted in batches. A row whose
-publish fails stays in the outbox and is sent again (participants dedupe by command id).
+confirms come back asynchronously, and confirmed rows are deleted by the next commit of
+saga state (no fsync of their own), or after a quiet moment. A row whose publish fails stays
+in the outbox and is sent again (participants dedupe by command id).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from aio_pika.abc import AbstractExchange
@@ -45,6 +45,15 @@ class OutboxRelay:
     def wake(self) -> None:
         self._ready.set()
 
+    def take_confirmed(self) -> list[int]:
+        """Confirmed rows, for the caller's next commit to delete."""
+        done, self._confirmed = self._confirmed, []
+        return done
+
+    def give_back(self, ids: list[int]) -> None:
+        """That commit failed: delete these later after all."""
+        self._confirmed.extend(ids)
+
     async def run(self) -> None:
         try:
             while True:
@@ -53,7 +62,6 @@ class OutboxRelay:
                 self._ready.clear()
                 rows = self.store.outbox(BATCH, after=self._cursor)
                 if not rows:
-                    self._flush()
                     await self._idle()
                     continue
                 for row in rows:
@@ -62,15 +70,15 @@ class OutboxRelay:
                     task = asyncio.create_task(self._publish(row))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
-                if len(self._confirmed) >= BATCH:
-                    self._flush()
         finally:
             for task in self._tasks:
                 task.cancel()
 
     async def _idle(self) -> None:
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(self._ready.wait(), IDLE_FLUSH_S)
+        except TimeoutError:
+            self._flush()  # nothing is being committed that could take them
 
     async def _publish(self, row: OutboxMessage) -> None:
         try:

@@ -56,8 +56,15 @@ class SagaStore(Protocol):
         """
         ...
 
-    def commit_many(self, changes: Sequence[tuple[SagaState, Sequence[OutboxMessage]]]) -> None:
-        """Commit several (state, outbox) changes in one transaction: all or none."""
+    def commit_many(
+        self,
+        changes: Sequence[tuple[SagaState, Sequence[OutboxMessage]]],
+        published: Sequence[int] = (),
+    ) -> None:
+        """Commit several (state, outbox) changes in one transaction: all or none.
+
+        ``published`` outbox rows (confirmed by the broker) are deleted in the same go.
+        """
         ...
 
     def due(self, now: datetime, limit: int) -> list[SagaState]: ...
@@ -148,8 +155,13 @@ class SqliteStore:
         self.commit_many([(state, outbox)])
         return state.model_copy(update={"version": state.version + 1})
 
-    def commit_many(self, changes: Sequence[tuple[SagaState, Sequence[OutboxMessage]]]) -> None:
+    def commit_many(
+        self,
+        changes: Sequence[tuple[SagaState, Sequence[OutboxMessage]]],
+        published: Sequence[int] = (),
+    ) -> None:
         with self._db:
+            self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in published])
             for state, outbox in changes:
                 self._write(state, outbox)
 
