@@ -6,6 +6,7 @@ import json
 import re
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from typing import Any
@@ -216,3 +217,36 @@ def test_json_logs_carry_the_saga_id(stack: Stack) -> None:
     trace_ids = {e.get("trace_id") for e in about_saga}
     assert len(about_saga) > 5
     assert len(trace_ids) == 1 and re.fullmatch(r"[0-9a-f]{32}", trace_ids.pop() or "")
+
+
+def test_place_order_count_places_many_and_summarises(stack: Stack) -> None:
+    stack.worker("all", "--stock", "item-1=4")
+    stack.orchestrator()
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "scripts/place_order.py",
+            *ORDER,
+            "--amount",
+            "10.00",
+            "--count",
+            "6",
+            "--concurrency",
+            "3",
+            "--json",
+        ],
+        cwd=ROOT,
+        env=stack.environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["outcomes"] == {"COMPLETED": 4, "COMPENSATED": 2}  # 4 in stock
+    assert summary["finished"] == 6
+    assert summary["sagas_per_s"] > 0
+    assert 0 < summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
+    assert stack.stock("item-1") == 0
