@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import re
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -89,7 +90,20 @@ class ManagementApi:
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         self._headers = {"Authorization": f"Basic {token}", "content-type": "application/json"}
 
-    def put(self, path: str, body: dict[str, Any]) -> None:
+    def put(self, path: str, body: dict[str, Any], patience_s: float = 60.0) -> None:
+        """PUT, retrying while the broker is still starting (its listener or users not yet up)."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                self._put(path, body)
+                return
+            except ConfigurationError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("%s; retrying in 2s", exc)
+                time.sleep(2)
+
+    def _put(self, path: str, body: dict[str, Any]) -> None:
         request = urllib.request.Request(
             f"{self.base_url}/api/{path}",
             method="PUT",

@@ -14,7 +14,6 @@ import logging
 from aio_pika.abc import AbstractExchange
 
 from messages import amqp, tracing
-from messages.errors import PublishFailedError
 from messages.logs import saga_context
 from orchestrator.store import OutboxMessage, SagaStore
 
@@ -89,7 +88,7 @@ class OutboxRelay:
                 mandatory=row.mandatory,
                 headers={tracing.HEADER: row.traceparent} if row.traceparent else None,
             )
-        except PublishFailedError as exc:
+        except Exception as exc:  # whatever it was, the row must be sent again
             with saga_context(row.wire.correlation_id):
                 log.warning("outbox publish failed, will retry: %s", exc)
             self._failed = True

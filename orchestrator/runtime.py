@@ -205,19 +205,28 @@ class Orchestrator:
         metrics.observe(new.history, seen)
         return None
 
-    def _commit(self, decisions: list[engine.Decision]) -> list[None]:
+    def _commit(self, decisions: list[engine.Decision]) -> list[Exception | None]:
         assert self._relay is not None, "decisions come only from consumers run() started"
         # Deleting published outbox rows here spares them a transaction (an fsync) of their own.
         published = self._relay.take_confirmed()
+        results: list[Exception | None] = [None] * len(decisions)
         try:
             self.store.commit_many([(d.state, to_outbox(d)) for d in decisions], published)
         except Exception:
             self._relay.give_back(published)
-            raise
+            # One bad decision must not fail its neighbours: commit each on its own.
+            results = [self._commit_one(d) for d in decisions]
         finally:
             self._uncommitted.clear()  # committed, or failed and to be redelivered
         self._relay.wake()
-        return [None] * len(decisions)
+        return results
+
+    def _commit_one(self, decision: engine.Decision) -> Exception | None:
+        try:
+            self.store.commit_many([(decision.state, to_outbox(decision))])
+        except Exception as exc:
+            return exc
+        return None
 
     async def _timer(self) -> None:
         while True:
