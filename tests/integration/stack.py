@@ -28,6 +28,13 @@ from messages.models import Envelope
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 20.0
+# Settings that make a silent participant time out, and its compensation give up, in ~2 s.
+FAST_TIMEOUTS = {
+    "SAGA_STEP_TIMEOUT_S": "0.3",
+    "SAGA_STEP_MAX_ATTEMPTS": "2",
+    "SAGA_COMPENSATION_MAX_ATTEMPTS": "2",
+    "SAGA_TICK_S": "0.05",
+}
 
 
 @dataclass

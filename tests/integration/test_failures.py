@@ -19,17 +19,18 @@ from messages.models import (
     RefundPayment,
     ReserveStock,
 )
-from tests.integration.stack import ROOT, Stack, amqp_channel, drain, replies, send
+from tests.integration.stack import (
+    FAST_TIMEOUTS,
+    ROOT,
+    Stack,
+    amqp_channel,
+    drain,
+    replies,
+    send,
+)
 from tests.integration.test_saga_flows import ORDER, sent
 
 pytestmark = pytest.mark.broker
-
-FAST_TIMEOUTS = {
-    "SAGA_STEP_TIMEOUT_S": "0.3",
-    "SAGA_STEP_MAX_ATTEMPTS": "2",
-    "SAGA_COMPENSATION_MAX_ATTEMPTS": "2",
-    "SAGA_TICK_S": "0.05",
-}
 
 
 def test_silent_participant_times_out_and_is_compensated(stack: Stack) -> None:

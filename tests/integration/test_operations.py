@@ -13,17 +13,10 @@ from typing import Any
 
 import pytest
 
-from tests.integration.stack import ROOT, Stack
+from tests.integration.stack import FAST_TIMEOUTS, ROOT, Stack
 from tests.integration.test_saga_flows import ORDER, sent
 
 pytestmark = pytest.mark.broker
-
-FAST = {
-    "SAGA_STEP_TIMEOUT_S": "0.3",
-    "SAGA_STEP_MAX_ATTEMPTS": "2",
-    "SAGA_COMPENSATION_MAX_ATTEMPTS": "2",
-    "SAGA_TICK_S": "0.05",
-}
 
 
 def saga_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
@@ -143,7 +136,7 @@ def test_retry_re_drives_a_failed_saga(stack: Stack) -> None:
     # Given a saga FAILED because payment never answered its refund
     stack.worker("inventory", "--stock", "item-1=10")
     stack.worker("order")
-    stack.orchestrator(**FAST)
+    stack.orchestrator(**FAST_TIMEOUTS)
     code, failed = stack.place_order(*ORDER, "--amount", "25.00")
     assert code == 2 and failed["status"] == "FAILED", failed
 
