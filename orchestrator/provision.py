@@ -8,13 +8,9 @@ rights at all. Running it again is harmless: every step is a PUT or an idempoten
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import re
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 from urllib.parse import quote
 
@@ -23,6 +19,7 @@ from yarl import URL
 
 from messages import amqp, topology
 from messages.errors import ConfigurationError
+from messages.management import ManagementApi
 from messages.settings import BrokerSettings, redact
 
 log = logging.getLogger(__name__)
@@ -82,64 +79,35 @@ class ProvisionSettings(BrokerSettings):
         return secret.get_secret_value()
 
 
-class ManagementApi:
-    """The few calls of RabbitMQ's management HTTP API that provisioning needs."""
-
-    def __init__(self, base_url: str, user: str, password: str) -> None:
-        self.base_url = base_url.rstrip("/")
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        self._headers = {"Authorization": f"Basic {token}", "content-type": "application/json"}
-
-    def put(self, path: str, body: dict[str, Any], patience_s: float = 60.0) -> None:
-        """PUT, retrying while the broker is still starting (its listener or users not yet up)."""
-        deadline = time.monotonic() + patience_s
-        while True:
-            try:
-                self._put(path, body)
-                return
-            except ConfigurationError as exc:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("%s; retrying in 2s", exc)
-                time.sleep(2)
-
-    def _put(self, path: str, body: dict[str, Any]) -> None:
-        request = urllib.request.Request(
-            f"{self.base_url}/api/{path}",
-            method="PUT",
-            data=json.dumps(body).encode(),
-            headers=self._headers,
-        )
+def _put(api: ManagementApi, path: str, body: dict[str, Any], patience_s: float = 60.0) -> None:
+    """PUT, retrying while the broker is still starting (its listener or users not yet up)."""
+    deadline = time.monotonic() + patience_s
+    while True:
         try:
-            with urllib.request.urlopen(request, timeout=10):
-                pass
-        except urllib.error.HTTPError as exc:
-            raise ConfigurationError(
-                f"management API refused PUT /api/{path}: {exc.code} {exc.reason} "
-                "(is SAGA_AMQP_URL an administrator's?)"
-            ) from exc
-        except (urllib.error.URLError, OSError) as exc:
-            raise ConfigurationError(
-                f"cannot reach the management API at {self.base_url}: {exc}"
-            ) from exc
+            api.call("PUT", path, body)
+            return
+        except ConfigurationError as exc:
+            if time.monotonic() > deadline:
+                raise ConfigurationError(f"{exc} (is SAGA_AMQP_URL an administrator's?)") from exc
+            log.warning("%s; retrying in 2s", exc)
+            time.sleep(2)
 
 
 async def provision(settings: ProvisionSettings) -> list[str]:
     """Create the vhost, users and permissions, then declare the topology; say what was done."""
-    url = URL(settings.amqp_url)
-    vhost = url.path[1:] or "/"
-    admin, admin_password = url.user or "guest", url.password or "guest"
-    api = ManagementApi(
-        settings.management_url or f"http://{url.host}:15672", admin, admin_password
-    )
+    vhost = URL(settings.amqp_url).path[1:] or "/"
+    api = ManagementApi.for_amqp_url(settings.amqp_url, settings.management_url)
+    admin = api.user
     where = quote(vhost, safe="")
     done = []
-    api.put(f"vhosts/{where}", {})
-    api.put(f"permissions/{where}/{quote(admin, safe='')}", _grant(".*", ".*", ".*"))
+    _put(api, f"vhosts/{where}", {})
+    _put(api, f"permissions/{where}/{quote(admin, safe='')}", _grant(".*", ".*", ".*"))
     done.append(f"vhost {vhost!r}, administered by {admin}")
     for user, (configure, write, read) in permissions().items():
-        api.put(f"users/{quote(user, safe='')}", {"password": settings.password(user), "tags": ""})
-        api.put(f"permissions/{where}/{quote(user, safe='')}", _grant(configure, write, read))
+        _put(
+            api, f"users/{quote(user, safe='')}", {"password": settings.password(user), "tags": ""}
+        )
+        _put(api, f"permissions/{where}/{quote(user, safe='')}", _grant(configure, write, read))
         done.append(f"user {user}: configure {configure}  write {write}  read {read}")
     connection = await amqp.connect(settings, "provision")
     async with connection:

@@ -21,7 +21,6 @@ code is 0 only when N is 0 (1 with violations, 2 when the soak could not run).
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
@@ -35,8 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
@@ -46,7 +43,7 @@ from decimal import Decimal
 from pathlib import Path
 from types import FrameType
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 from uuid import UUID
 
 import pika
@@ -54,7 +51,8 @@ import pika.exceptions
 
 from messages import topology
 from messages.client import Client
-from messages.errors import SagaError
+from messages.errors import ConfigurationError, SagaError
+from messages.management import ManagementApi
 from messages.models import Money, PlaceOrder, SagaFinished
 from messages.settings import redact
 from workers.faults import CRASH_EXIT_CODE
@@ -289,40 +287,25 @@ def parse_options(argv: list[str] | None = None) -> Options:
 # --- the broker: a vhost of our own, queue depths -----------------------------------------
 
 
-@dataclass(frozen=True)
 class Management:
     """The RabbitMQ management HTTP API, with the AMQP URL's credentials."""
 
-    base: str
-    user: str
-    password: str
+    def __init__(self, api: ManagementApi) -> None:
+        self.api = api
+        self.user = api.user
 
     @classmethod
     def for_url(cls, amqp_url: str, base: str) -> Management:
-        parts = urlsplit(amqp_url)
-        return cls(base, unquote(parts.username or "guest"), unquote(parts.password or "guest"))
+        return cls(ManagementApi.for_amqp_url(amqp_url, base))
 
     def call(self, method: str, path: str, body: object = None) -> Any:
-        token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
-        request = urllib.request.Request(
-            f"{self.base}/api/{path}",
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"Basic {token}", "content-type": "application/json"},
-        )
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as exc:
+            return self.api.call(method, path, body)
+        except ConfigurationError as exc:
             raise ChaosError(
-                f"management API {method} {path}: HTTP {exc.code} {exc.reason}"
+                f"{exc}; give --management-url, or enable it: "
+                "rabbitmq-plugins enable rabbitmq_management"
             ) from exc
-        except (urllib.error.URLError, OSError) as exc:
-            raise ChaosError(
-                f"the management API at {self.base} does not answer ({exc}); give "
-                "--management-url, or enable it: rabbitmq-plugins enable rabbitmq_management"
-            ) from exc
-        return json.loads(payload) if payload else None
 
     def create_vhost(self, name: str) -> None:
         self.call("PUT", f"vhosts/{quote(name, safe='')}", {})

@@ -6,15 +6,14 @@ never see each other's queues and the production code needs no test-only naming.
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
+
+from messages.errors import ConfigurationError
+from messages.management import ManagementApi
 
 HOW_TO = (
     "Integration tests need a real RabbitMQ with the management plugin. Either set "
@@ -44,27 +43,16 @@ class Broker:
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
         """Call the management HTTP API with the AMQP URL's credentials."""
-        parts = urlsplit(self.amqp_url)
-        token = base64.b64encode(f"{parts.username}:{parts.password}".encode()).decode()
-        request = urllib.request.Request(
-            self.management_url + "/api/" + path,
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"Basic {token}", "content-type": "application/json"},
+        return ManagementApi.for_amqp_url(self.amqp_url, self.management_url).call(
+            method, path, body
         )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            payload = response.read()
-        return json.loads(payload) if payload else None
 
     def check(self) -> None:
         """Fail with instructions if the management API does not answer."""
         try:
             self.api("GET", "overview")
-        except (urllib.error.URLError, OSError) as exc:
-            raise RuntimeError(
-                f"RabbitMQ management API at {self.management_url} does not "
-                f"answer ({exc}). {HOW_TO}"
-            ) from exc
+        except ConfigurationError as exc:
+            raise RuntimeError(f"{exc}. {HOW_TO}") from exc
 
     def create_vhost(self, name: str) -> None:
         user = urlsplit(self.amqp_url).username

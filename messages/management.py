@@ -1,0 +1,54 @@
+"""RabbitMQ's management HTTP API: the few calls provisioning and the chaos soak make."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import unquote
+
+from yarl import URL
+
+from messages.errors import ConfigurationError
+
+
+class ManagementApi:
+    """JSON over HTTP with basic auth; every failure is a ConfigurationError saying what."""
+
+    def __init__(self, base_url: str, user: str, password: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.user = user
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        self._headers = {"Authorization": f"Basic {token}", "content-type": "application/json"}
+
+    @classmethod
+    def for_amqp_url(cls, amqp_url: str, base_url: str | None = None) -> ManagementApi:
+        """With the AMQP URL's credentials; by default on port 15672 of the broker's host."""
+        url = URL(amqp_url)
+        return cls(
+            base_url or f"http://{url.host}:15672",
+            unquote(url.user or "guest"),
+            unquote(url.password or "guest"),
+        )
+
+    def call(self, method: str, path: str, body: object = None) -> Any:
+        request = urllib.request.Request(
+            f"{self.base_url}/api/{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers=self._headers,
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            raise ConfigurationError(
+                f"management API {method} /api/{path}: HTTP {exc.code} {exc.reason}"
+            ) from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise ConfigurationError(
+                f"the management API at {self.base_url} does not answer ({exc})"
+            ) from exc
+        return json.loads(payload) if payload else None
