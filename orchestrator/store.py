@@ -7,7 +7,6 @@ PostgreSQL store for several replicas can implement the same protocol.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,8 +15,9 @@ from typing import Protocol
 from uuid import UUID
 
 from messages.codec import Wire
-from messages.errors import ConcurrentUpdateError, SagaError
+from messages.errors import ConcurrentUpdateError
 from messages.models import SagaStatus
+from messages.sqlite import open_sqlite
 from orchestrator.engine import SagaState
 
 
@@ -119,21 +119,6 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 def _ts(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
-
-
-def open_sqlite(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """A connection in WAL mode with full fsync: a committed saga survives a power cut."""
-    if readonly:
-        if not path.exists():
-            raise SagaError(f"no store at {path}: has the service run with this SAGA_DATA_DIR?")
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=5000")
-    return conn
 
 
 class SqliteStore:

@@ -16,7 +16,7 @@ from messages.errors import ConfigurationError, SagaError
 from messages.metrics import serve as serve_metrics
 from messages.service import run_service
 from messages.settings import load
-from orchestrator.store import open_sqlite
+from messages.sqlite import open_sqlite
 from workers import inventory, order, payment
 from workers.faults import Faults
 from workers.runtime import Participant, open_db, serve
