@@ -52,6 +52,28 @@ def _two_places(value: Decimal) -> Decimal:
     return value
 
 
+# ISO 4217 codes in use for money (funds, metals, SDR and test codes left out). A constant
+# rather than pycountry: the list changes about once a year, and a dependency for one
+# frozenset would be more to keep current than the frozenset itself.
+_ISO_4217 = """
+    AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN
+    BWP BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD
+    FKP GBP GEL GHS GIP GMD GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY
+    KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP
+    MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR
+    RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT
+    TND TOP TRY TTD TWD TZS UAH UGX USD UYU UZS VED VES VND VUV WST XAF XCD XCG XOF XPF YER
+    ZAR ZMW ZWG
+"""
+CURRENCIES = frozenset(_ISO_4217.split())
+
+
+def _known_currency(code: str) -> str:
+    if code not in CURRENCIES:
+        raise ValueError(f"{code!r} is not an ISO 4217 currency code (e.g. EUR, USD, GBP)")
+    return code
+
+
 class Money(BaseModel):
     """An amount of money: a positive Decimal with at most two places, and its currency."""
 
@@ -63,7 +85,7 @@ class Money(BaseModel):
         Field(gt=0, max_digits=12, allow_inf_nan=False, description="Positive amount"),
         AfterValidator(_two_places),
     ]
-    currency: str = Field(
+    currency: Annotated[str, AfterValidator(_known_currency)] = Field(
         default="EUR", pattern=r"^[A-Z]{3}$", description="ISO 4217 code, e.g. EUR"
     )
 
@@ -79,7 +101,7 @@ def parse_money(text: str) -> Money:
     match = _MONEY_TEXT.match(text)
     if match is None:
         raise ValueError(f"not an amount of money: {text!r} (expected e.g. 25.00 or '25.00 EUR')")
-    currency = (match["currency"] or "EUR").upper()
+    currency = _known_currency((match["currency"] or "EUR").upper())
     return Money(amount=Decimal(match["amount"]), currency=currency)
 
 

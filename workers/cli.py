@@ -7,13 +7,16 @@ import asyncio
 import json
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import TypeVar
+
+from pydantic import ValidationError
 
 from messages import amqp, logs
 from messages.errors import ConfigurationError, SagaError
 from messages.metrics import serve as serve_metrics
+from messages.models import parse_money
 from messages.service import run_service
 from messages.settings import load
 from messages.sqlite import open_sqlite
@@ -26,19 +29,27 @@ NAMES = ("inventory", "payment", "order")
 T = TypeVar("T")
 
 
+def _items(text: str) -> Iterator[tuple[str, str]]:
+    """(name, value) from 'name=value,name=value'."""
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {item!r}")
+        yield key.strip(), value.strip()
+
+
 def _pairs(convert: Callable[[str], T], what: str) -> Callable[[str], dict[str, T]]:
     """An argparse type for 'key=value,key=value'; ``what`` describes a good value."""
 
     def parse(text: str) -> dict[str, T]:
         result = {}
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip():
-                raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {item!r}")
+        for key, value in _items(text):
             try:
-                result[key.strip()] = convert(value.strip())
+                result[key] = convert(value)
             except (ValueError, InvalidOperation):
-                raise argparse.ArgumentTypeError(f"{item!r}: the value must be {what}") from None
+                raise argparse.ArgumentTypeError(
+                    f"{key}={value!r}: the value must be {what}"
+                ) from None
         return result
 
     return parse
@@ -51,11 +62,20 @@ def _stock_level(text: str) -> int:
     return value
 
 
-def _limit(text: str) -> Decimal:
-    value = Decimal(text)
-    if not value.is_finite() or value <= 0:
-        raise ValueError
-    return value
+def _limits(text: str) -> dict[tuple[str, str], Decimal]:
+    """--limit 'c-1=50.00,c-1=40.00 USD': credit limits by (customer, currency), EUR by default."""
+    limits = {}
+    for customer, value in _items(text):
+        try:
+            money = parse_money(value)
+        except ValidationError:
+            raise argparse.ArgumentTypeError(
+                f"{customer}={value!r}: the limit must be an amount > 0 like 50.00 or '50.00 USD'"
+            ) from None
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{customer}={value!r}: {exc}") from None
+        limits[customer, money.currency] = money.amount
+    return limits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,10 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--limit",
-        type=_pairs(_limit, "an amount > 0, e.g. 50.00"),
+        type=_limits,
         default={},
-        metavar="CUSTOMER=AMOUNT,...",
-        help="payment: credit limits per customer (replace stored ones at every start)",
+        metavar="CUSTOMER=AMOUNT [CUR],...",
+        help="payment: credit limits per customer and currency, EUR unless given, e.g. "
+        "c-1=50.00,c-1=40.00 USD (replace stored ones at every start)",
     )
     run.add_argument(
         "--block",

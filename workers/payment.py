@@ -1,4 +1,9 @@
-"""Payment: a credit limit per customer; at most one charge per saga."""
+"""Payment: a credit limit per customer and currency; at most one charge per saga.
+
+Limits are per currency, with no exchange rates: a customer's limit in EUR says nothing of
+USD. A charge in a currency the customer has no limit of their own in gets the default
+limit (SAGA_DEFAULT_CREDIT_LIMIT), read as an amount of that currency.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,16 @@ from workers.runtime import Failed, Outcome, Participant, Succeeded, transaction
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
+_LIMITS_TABLE = """
 CREATE TABLE IF NOT EXISTS credit_limits (
-    customer_id TEXT PRIMARY KEY,
-    max_charge  TEXT NOT NULL
-);
+    customer_id TEXT NOT NULL,
+    currency    TEXT NOT NULL,
+    max_charge  TEXT NOT NULL,
+    PRIMARY KEY (customer_id, currency)
+)"""
+SCHEMA = (
+    _LIMITS_TABLE
+    + """;
 -- status 'refunded' with amount 0 is a tombstone: refunded before it was ever charged.
 CREATE TABLE IF NOT EXISTS charges (
     saga_id     TEXT PRIMARY KEY,
@@ -26,6 +36,7 @@ CREATE TABLE IF NOT EXISTS charges (
     status      TEXT NOT NULL CHECK (status IN ('charged', 'refunded'))
 );
 """
+)
 
 
 def charge(command: ChargePayment, db: sqlite3.Connection, *, default_limit: Decimal) -> Outcome:
@@ -36,15 +47,17 @@ def charge(command: ChargePayment, db: sqlite3.Connection, *, default_limit: Dec
         if row[0] == "refunded":
             return Failed("already_compensated", "the saga's payment was already refunded")
         return Succeeded("already charged")
+    money = command.amount
     limit_row = db.execute(
-        "SELECT max_charge FROM credit_limits WHERE customer_id = ?", (command.customer_id,)
+        "SELECT max_charge FROM credit_limits WHERE customer_id = ? AND currency = ?",
+        (command.customer_id, money.currency),
     ).fetchone()
     limit = default_limit if limit_row is None else Decimal(limit_row[0])
-    money = command.amount
     if money.amount > limit:
         return Failed(
             "payment_declined",
-            f"{money} is over the credit limit of {limit:.2f} for {command.customer_id}",
+            f"{money} is over the credit limit of {limit:.2f} {money.currency} "
+            f"for {command.customer_id}",
         )
     db.execute(
         "INSERT INTO charges VALUES (?, ?, ?, ?, 'charged')",
@@ -76,13 +89,30 @@ def refund(command: RefundPayment, db: sqlite3.Connection) -> Outcome:
     return Succeeded(f"refunded {command.amount}")
 
 
-def seed(db: sqlite3.Connection, limits: dict[str, Decimal]) -> None:
-    """Set credit limits (configuration: a value given at start replaces the stored one)."""
+def seed(db: sqlite3.Connection, limits: dict[tuple[str, str], Decimal]) -> None:
+    """Set credit limits by (customer, currency): a value given at start replaces the stored one."""
     with transaction(db):
+        _migrate(db)
         db.executemany(
-            "INSERT OR REPLACE INTO credit_limits VALUES (?, ?)",
-            [(customer, str(limit)) for customer, limit in limits.items()],
+            "INSERT OR REPLACE INTO credit_limits (customer_id, currency, max_charge)"
+            " VALUES (?, ?, ?)",
+            [(customer, currency, str(limit)) for (customer, currency), limit in limits.items()],
         )
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Limits stored before they were per currency were in EUR, the only currency then."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(credit_limits)")}
+    if "currency" in columns:
+        return
+    db.execute("ALTER TABLE credit_limits RENAME TO credit_limits_eur")
+    db.execute(_LIMITS_TABLE)
+    db.execute(
+        "INSERT INTO credit_limits (customer_id, currency, max_charge)"
+        " SELECT customer_id, 'EUR', max_charge FROM credit_limits_eur"
+    )
+    db.execute("DROP TABLE credit_limits_eur")
+    log.info("credit limits are per currency now: stored limits kept as EUR")
 
 
 def payment(default_limit: Decimal) -> Participant:
