@@ -2,8 +2,9 @@
 """Place an order and wait for its saga to finish.
 
 Prints the saga id, its final state and a per-step timeline. Exit code: 0 when the order
-completed, 1 when it was rejected and compensated, 2 on a time-out or an error.
-With --count N it places N orders, C at a time, and prints a summary instead.
+completed, 1 when it was rejected and compensated, 2 on a time-out, FAILED or an error.
+With --count N it places N orders, C at a time, and prints a summary instead, counted by
+state and reason; the exit code is then the worst of the orders' codes.
 
     python scripts/place_order.py --customer c-1 --sku item-1 --qty 1 --amount 25.00
 """
@@ -27,6 +28,8 @@ from messages.timeline import render_result
 
 FLAGS = {"customer_id": "--customer", "sku": "--sku", "quantity": "--qty", "amount": "--amount"}
 EXIT_CODES = {SagaStatus.COMPLETED: 0, SagaStatus.COMPENSATED: 1, SagaStatus.FAILED: 2}
+CODE_OF_STATE = {status.value: code for status, code in EXIT_CODES.items()}
+TIMED_OUT, NOT_PLACED = "TIMED_OUT", "NOT_PLACED"  # --count outcomes besides saga states
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,7 +108,7 @@ def place_one(client: Client, args: argparse.Namespace) -> int:
 def place_many(client: Client, args: argparse.Namespace) -> int:
     """Closed loop: keep ``concurrency`` orders in flight until ``count`` have finished."""
     started: dict[object, float] = {}
-    outcomes: Counter[str] = Counter()
+    outcomes: Counter[tuple[str, str]] = Counter()  # (state, reason)
     latencies: list[float] = []
     placed = 0
     begin = time.monotonic()
@@ -117,15 +120,18 @@ def place_many(client: Client, args: argparse.Namespace) -> int:
             placed += 1
         result = client.wait_for(lambda m: isinstance(m, SagaFinished), args.timeout)
         if not isinstance(result, SagaFinished):
-            outcomes["TIMED_OUT"] += len(started)
+            outcomes[TIMED_OUT, f"no result within {args.timeout:g}s"] += len(started)
+            if placed < args.count:
+                outcomes[NOT_PLACED, "stopped at the time-out"] += args.count - placed
             break
         if (at := started.pop(result.saga_id, None)) is not None:
             latencies.append(time.monotonic() - at)
-            outcomes[result.status.value] += 1
+            outcomes[result.status.value, result.reason or ""] += 1
             _progress(sum(outcomes.values()), args.count)
     elapsed = time.monotonic() - begin
     _summary(outcomes, latencies, elapsed, args.json)
-    return 0 if outcomes.keys() <= {"COMPLETED", "COMPENSATED"} else 2
+    # the worst single-order code: 0 all completed, 1 some compensated, 2 anything else
+    return max((CODE_OF_STATE.get(state, 2) for state, _ in outcomes), default=2)
 
 
 def _finishes(message: AnyMessage, request: PlaceOrder) -> bool:
@@ -140,7 +146,9 @@ def _progress(done: int, total: int) -> None:
             print(file=sys.stderr)
 
 
-def _summary(outcomes: Counter[str], latencies: list[float], elapsed: float, as_json: bool) -> None:
+def _summary(
+    outcomes: Counter[tuple[str, str]], latencies: list[float], elapsed: float, as_json: bool
+) -> None:
     latencies.sort()
 
     def pct(p: float) -> float:
@@ -148,8 +156,13 @@ def _summary(outcomes: Counter[str], latencies: list[float], elapsed: float, as_
             latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else 0
         )
 
+    by_state: Counter[str] = Counter()
+    for (state, _), n in outcomes.items():
+        by_state[state] += n
+    by_reason = sorted(outcomes.items(), key=lambda item: (-item[1], item[0]))
     summary = {
-        "outcomes": dict(outcomes),
+        "outcomes": dict(by_state),
+        "by_reason": [{"state": s, "reason": r or None, "count": n} for (s, r), n in by_reason],
         "finished": len(latencies),
         "elapsed_s": round(elapsed, 3),
         "sagas_per_s": round(len(latencies) / elapsed, 1) if elapsed else 0.0,
@@ -158,8 +171,10 @@ def _summary(outcomes: Counter[str], latencies: list[float], elapsed: float, as_
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    counts = ", ".join(f"{n} {status}" for status, n in sorted(outcomes.items()))
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(by_state.items()))
     print(f"{summary['finished']} sagas in {elapsed:.1f}s ({summary['sagas_per_s']}/s): {counts}")
+    for (state, reason), n in by_reason:
+        print(f"  {n:>6}  {state:<12} {reason}".rstrip())
     print(f"latency p50 {pct(0.5):.1f} ms, p99 {pct(0.99):.1f} ms")
 
 
