@@ -49,6 +49,14 @@ def _duration(text: str) -> timedelta:
     return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
 
 
+def _state(text: str) -> SagaStatus:
+    try:
+        return SagaStatus(text.upper())
+    except ValueError:
+        valid = ", ".join(s.value for s in SagaStatus)
+        raise argparse.ArgumentTypeError(f"no state {text!r}; valid states: {valid}") from None
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -68,9 +76,9 @@ def build_parser(prog: str = "saga") -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="list sagas, newest first")
     listing.add_argument(
         "--state",
-        type=lambda text: SagaStatus(text.upper()),
-        choices=list(SagaStatus),
-        help="only sagas in this state",
+        type=_state,
+        metavar="STATE",
+        help="only sagas in this state: " + ", ".join(s.value for s in SagaStatus),
     )
     listing.add_argument("--since", type=_duration, help="only sagas started within, e.g. 10m")
     listing.add_argument(
@@ -217,12 +225,17 @@ def _show(store: SqliteStore, args: argparse.Namespace) -> int:
     return 0
 
 
+_IN_FLIGHT = (SagaStatus.RUNNING, SagaStatus.COMPENSATING)  # what stats.oldest_running covers
+
+
 def _stats(store: SqliteStore, args: argparse.Namespace) -> int:
     stats = store.stats()
     durations = stats.durations_s
     mean = sum(durations) / len(durations) if durations else None
     p99 = durations[min(len(durations) - 1, int(0.99 * len(durations)))] if durations else None
-    oldest = stats.oldest_running
+    in_flight = sum(stats.by_status.get(s.value, 0) for s in _IN_FLIGHT)
+    # the store counts first and looks up the oldest after: a saga may finish in between
+    oldest = stats.oldest_running if in_flight else None
     report = {
         "by_state": {s.value: stats.by_status.get(s.value, 0) for s in SagaStatus},
         "by_outcome": stats.by_outcome,
@@ -231,7 +244,11 @@ def _stats(store: SqliteStore, args: argparse.Namespace) -> int:
         "duration_p99_ms": None if p99 is None else round(p99 * 1000, 1),
         "oldest_running": None
         if oldest is None
-        else {"saga_id": str(oldest.saga_id), "started": oldest.created_at.isoformat()},
+        else {
+            "saga_id": str(oldest.saga_id),
+            "status": oldest.status.value,
+            "started": oldest.created_at.isoformat(),
+        },
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -244,7 +261,8 @@ def _stats(store: SqliteStore, args: argparse.Namespace) -> int:
     if mean is not None and p99 is not None:
         print(f"duration:   mean {mean * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
     if oldest is not None:
-        print(f"oldest running: {oldest.saga_id}, {_age(oldest, datetime.now(UTC))} old")
+        age = _age(oldest, datetime.now(UTC))
+        print(f"oldest in flight: {oldest.saga_id}, {oldest.status}, {age} old")
     return 0
 
 
