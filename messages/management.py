@@ -12,6 +12,7 @@ from urllib.parse import unquote
 from yarl import URL
 
 from messages.errors import ConfigurationError
+from messages.settings import redact
 
 
 class ManagementApi:
@@ -49,6 +50,6 @@ class ManagementApi:
             ) from exc
         except (urllib.error.URLError, OSError) as exc:
             raise ConfigurationError(
-                f"the management API at {self.base_url} does not answer ({exc})"
+                f"the management API at {redact(self.base_url)} does not answer ({exc})"
             ) from exc
         return json.loads(payload) if payload else None

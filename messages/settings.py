@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
 
@@ -47,21 +49,45 @@ def redact(url: str) -> str:
         return "(an unreadable URL)"
 
 
-def _shown(field: object, value: object) -> object:
-    return redact(value) if field == "amqp_url" and isinstance(value, str) else value
+# Settings whose values are never shown, in part or whole.
+_SECRET = re.compile(r"password|secret|token", re.IGNORECASE)
+
+
+def _shown(field: str, value: object) -> str:
+    """``value`` as an error message may show it: secrets masked, URLs without passwords."""
+    if _SECRET.search(field) or isinstance(value, SecretStr):
+        return "'***'"
+    if isinstance(value, str) and "://" in value:
+        return repr(redact(value))
+    return repr(value)
+
+
+def _problem(cls: type[BaseSettings], error: ErrorDetails) -> str:
+    """One line about one bad or missing setting, naming its variable."""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    field = str(error["loc"][0]) if error["loc"] else ""
+    variable = (prefix + field).upper() if field else cls.__name__
+    if error["type"] == "missing":
+        info = cls.model_fields.get(field)
+        what = f" ({info.description})" if info and info.description else ""
+        return f"{variable} is not set{what}"
+    reason = error["msg"].removeprefix("Value error, ")
+    return f"{variable}={_shown(field, error['input'])}: {reason}"
 
 
 def load(cls: type[S]) -> S:
-    """Read settings from the environment; a bad value is a ConfigurationError naming it."""
+    """Read settings from the environment; a bad value is a ConfigurationError naming it.
+
+    The message has one line per problem and never shows a secret.
+    """
     try:
         return cls()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"SAGA_{str(e['loc'][0]).upper()}={_shown(e['loc'][0], e['input'])!r}: "
-            + e["msg"].removeprefix("Value error, ")
-            for e in exc.errors()
-        )
-        raise ConfigurationError(f"invalid setting: {problems}") from exc
+        problems = [_problem(cls, e) for e in exc.errors()]
+        if len(problems) == 1:
+            raise ConfigurationError(f"invalid setting: {problems[0]}") from None
+        lines = "".join(f"\n  {p}" for p in problems)
+        raise ConfigurationError(f"invalid settings:{lines}") from None
 
 
 class BrokerSettings(BaseSettings):

@@ -14,7 +14,7 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from yarl import URL
 
 from messages import amqp, topology
@@ -27,14 +27,28 @@ log = logging.getLogger(__name__)
 _NOTHING = "^$"
 # Server-named queues (amq.gen-...) are how clients get their answers.
 _REPLY_QUEUES = r"amq\.gen-.*"
+# The roles `saga provision` makes a user for; the user is named <SAGA_USER_PREFIX><role>.
+ROLES = ("orchestrator", *topology.PARTICIPANTS, "client")
+# Safe in a URL's user part and in a management API path, unquoted.
+_PREFIX = re.compile(r"[A-Za-z0-9._-]*")
 
 
 def _any_of(*names: str) -> str:
     return "^(" + "|".join(re.escape(name) for name in names) + ")$"
 
 
+def user_names(prefix: str = "") -> dict[str, str]:
+    """Role -> the RabbitMQ user `saga provision` creates for it: ``<prefix><role>``.
+
+    Every role, in the order of ROLES: orchestrator, the participants, client.
+    """
+    if not _PREFIX.fullmatch(prefix):
+        raise ValueError(f"user prefix {prefix!r}: only letters, digits, '.', '_' and '-'")
+    return {role: prefix + role for role in ROLES}
+
+
 def permissions() -> dict[str, tuple[str, str, str]]:
-    """User -> (configure, write, read) regular expressions, as RabbitMQ applies them.
+    """Role -> (configure, write, read) regular expressions, as RabbitMQ applies them.
 
     Publishing is checked on the exchange, so a participant that may write only to
     saga.replies and saga.dead-letter cannot put a command in anyone's queue.
@@ -65,6 +79,10 @@ def permissions() -> dict[str, tuple[str, str, str]]:
 class ProvisionSettings(BrokerSettings):
     """What `saga provision` reads: an administrator's URL, and a password per user."""
 
+    user_prefix: str = Field(
+        default="",
+        description="Prepended to every user name (`<prefix>orchestrator`, ...); default none",
+    )
     management_url: str | None = Field(
         default=None, description="Management HTTP API; default http://<broker host>:15672"
     )
@@ -74,8 +92,14 @@ class ProvisionSettings(BrokerSettings):
     order_password: SecretStr = Field(description="Password of the order user")
     client_password: SecretStr = Field(description="Password of place_order and the saga CLI")
 
-    def password(self, user: str) -> str:
-        secret: SecretStr = getattr(self, f"{user}_password")
+    @field_validator("user_prefix")
+    @classmethod
+    def _user_prefix(cls, value: str) -> str:
+        user_names(value)  # raises ValueError for a prefix unfit for a URL
+        return value
+
+    def password(self, role: str) -> str:
+        secret: SecretStr = getattr(self, f"{role}_password")
         return secret.get_secret_value()
 
 
@@ -103,12 +127,12 @@ async def provision(settings: ProvisionSettings) -> list[str]:
     _put(api, f"vhosts/{where}", {})
     _put(api, f"permissions/{where}/{quote(admin, safe='')}", _grant(".*", ".*", ".*"))
     done.append(f"vhost {vhost!r}, administered by {admin}")
-    for user, (configure, write, read) in permissions().items():
-        _put(
-            api, f"users/{quote(user, safe='')}", {"password": settings.password(user), "tags": ""}
-        )
-        _put(api, f"permissions/{where}/{quote(user, safe='')}", _grant(configure, write, read))
-        done.append(f"user {user}: configure {configure}  write {write}  read {read}")
+    users = user_names(settings.user_prefix)
+    for role, (configure, write, read) in permissions().items():
+        path = quote(users[role], safe="")
+        _put(api, f"users/{path}", {"password": settings.password(role), "tags": ""})
+        _put(api, f"permissions/{where}/{path}", _grant(configure, write, read))
+        done.append(f"user {users[role]}: configure {configure}  write {write}  read {read}")
     connection = await amqp.connect(settings, "provision")
     async with connection:
         await amqp.declare_topology(await connection.channel(), declare=True)
