@@ -2,35 +2,62 @@
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.integration.broker import Broker, from_environment, start_container
 from tests.integration.stack import Stack
 
+# The broker of this run (and the container behind it, if testcontainers started one).
+_BROKER = pytest.StashKey[tuple[Broker, Any]]()
+# Exit status when the broker the selected tests need is not there: a failure, never a skip.
+NO_BROKER = 3
+
+
+def _broker_of(config: pytest.Config) -> Broker:
+    """The run's broker, checked once; without one, end the run with one line saying why."""
+    if _BROKER not in config.stash:
+        try:
+            broker = from_environment()
+            if broker is not None:
+                broker.check()
+                config.stash[_BROKER] = (broker, None)
+            else:
+                config.stash[_BROKER] = start_container()
+        except RuntimeError as exc:
+            pytest.exit(f"no broker for the integration tests: {exc}", returncode=NO_BROKER)
+    return config.stash[_BROKER][0]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Check the broker before the first test, and only if a selected test needs one."""
+    if session.config.option.collectonly:
+        return
+    if any(item.get_closest_marker("broker") for item in session.items):
+        _broker_of(session.config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    container = config.stash.get(_BROKER, (None, None))[1]
+    if container is not None:
+        container.stop()
+
 
 @pytest.fixture(scope="session")
-def broker() -> Iterator[Broker]:
+def broker(pytestconfig: pytest.Config) -> Broker:
     """SAGA_TEST_AMQP_URL when set, else a testcontainers RabbitMQ; never a silent skip."""
-    broker = from_environment()
-    if broker is not None:
-        try:
-            broker.check()
-        except RuntimeError as exc:
-            pytest.fail(str(exc), pytrace=False)
-        yield broker
-        return
-    try:
-        broker, container = start_container()
-    except RuntimeError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield broker
-    finally:
-        container.stop()
+    return _broker_of(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def user_prefix() -> str:
+    """This run's prefix for RabbitMQ user names, so that runs never touch others' users."""
+    return f"t{secrets.token_hex(4)}-"
 
 
 @pytest.fixture

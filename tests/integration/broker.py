@@ -7,7 +7,9 @@ never see each other's queues and the production code needs no test-only naming.
 from __future__ import annotations
 
 import os
+import socket
 import time
+import urllib.error
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -16,10 +18,9 @@ from messages.errors import ConfigurationError
 from messages.management import ManagementApi
 
 HOW_TO = (
-    "Integration tests need a real RabbitMQ with the management plugin. Either set "
-    "SAGA_TEST_AMQP_URL (e.g. amqp://guest:guest@127.0.0.1:5672/, and SAGA_TEST_MANAGEMENT_URL "
-    "if the management API is not on port 15672 of the same host), or make Docker available "
-    "so testcontainers can start rabbitmq:4-management."
+    "set SAGA_TEST_AMQP_URL to a RabbitMQ with the management plugin "
+    "(e.g. amqp://guest:guest@127.0.0.1:5672/; SAGA_TEST_MANAGEMENT_URL if its management API "
+    "is not on port 15672 of the same host), or make Docker available for testcontainers"
 )
 
 
@@ -48,11 +49,36 @@ class Broker:
         )
 
     def check(self) -> None:
-        """Fail with instructions if the management API does not answer."""
+        """Raise RuntimeError with one line saying what is wrong and what to do about it."""
+        parts = urlsplit(self.amqp_url)
+        host = parts.hostname or "localhost"
+        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+        except OSError as exc:
+            raise RuntimeError(
+                f"no RabbitMQ answers AMQP at {host}:{port} ({exc.strerror or exc}): start one "
+                f"there, or {HOW_TO}"
+            ) from None
         try:
             self.api("GET", "overview")
         except ConfigurationError as exc:
-            raise RuntimeError(f"{exc}. {HOW_TO}") from exc
+            raise RuntimeError(self._management_problem(exc)) from None
+
+    def _management_problem(self, exc: ConfigurationError) -> str:
+        cause = exc.__cause__
+        if isinstance(cause, urllib.error.HTTPError) and cause.code == 401:
+            return (
+                f"the management API at {self.management_url} refused the login of "
+                "SAGA_TEST_AMQP_URL's user: check its password, and that it is tagged administrator"
+            )
+        if isinstance(cause, urllib.error.HTTPError):
+            return f"{exc}: is SAGA_TEST_MANAGEMENT_URL RabbitMQ's management API?"
+        return (
+            f"RabbitMQ answers AMQP but its management API at {self.management_url} does not: "
+            "run `rabbitmq-plugins enable rabbitmq_management` on the broker, or set "
+            "SAGA_TEST_MANAGEMENT_URL to where it listens"
+        )
 
     def create_vhost(self, name: str) -> None:
         user = urlsplit(self.amqp_url).username
@@ -75,7 +101,9 @@ def start_container() -> tuple[Broker, Any]:
         container = RabbitMqContainer("rabbitmq:4-management").with_exposed_ports(15672)
         container.start()
     except Exception as exc:
-        raise RuntimeError(f"testcontainers could not start RabbitMQ ({exc!r}). {HOW_TO}") from exc
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        message = f"testcontainers could not start RabbitMQ ({reason}): {HOW_TO}"
+        raise RuntimeError(message) from None
     host = container.get_container_host_ip()
     amqp = f"amqp://guest:guest@{host}:{container.get_exposed_port(5672)}/"
     broker = Broker(amqp, f"http://{host}:{container.get_exposed_port(15672)}")

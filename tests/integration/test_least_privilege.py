@@ -15,40 +15,42 @@ import pika.exceptions
 import pytest
 
 from messages import topology
+from messages.errors import ConfigurationError
 from messages.models import ReserveStock
-from orchestrator.provision import permissions
+from orchestrator.provision import ROLES, user_names
 from tests.integration.broker import Broker
 from tests.integration.stack import ROOT, Stack, send
 from tests.integration.test_saga_flows import ORDER
 
 pytestmark = pytest.mark.broker
 
-USERS = tuple(permissions())
-
 
 @dataclass
 class Provisioned:
-    """A vhost provisioned with per-service users; ``url(user)`` logs in as one of them."""
+    """A vhost provisioned with per-service users; ``url(role)`` logs in as one of them."""
 
     admin_url: str
+    users: dict[str, str]
     passwords: dict[str, str]
 
-    def url(self, user: str) -> str:
+    def url(self, role: str) -> str:
         parts = urlsplit(self.admin_url)
-        netloc = f"{user}:{quote(self.passwords[user])}@{parts.hostname}:{parts.port or 5672}"
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        host = parts.netloc.rpartition("@")[2]
+        login = f"{self.users[role]}:{quote(self.passwords[role])}"
+        return urlunsplit((parts.scheme, f"{login}@{host}", parts.path, "", ""))
 
 
-@pytest.fixture
-def provisioned(broker: Broker, amqp_url: str) -> Iterator[Provisioned]:
-    passwords = {user: secrets.token_urlsafe(12) for user in USERS}
-    env = {f"SAGA_{user.upper()}_PASSWORD": password for user, password in passwords.items()}
+def provision(broker: Broker, amqp_url: str, prefix: str) -> Provisioned:
+    """Run `saga provision` on the test's vhost, with this run's user names."""
+    passwords = {role: secrets.token_urlsafe(12) for role in ROLES}
+    env = {f"SAGA_{role.upper()}_PASSWORD": password for role, password in passwords.items()}
     done = subprocess.run(
         [sys.executable, "-m", "orchestrator", "provision"],
         cwd=ROOT,
         env={
             **Stack(amqp_url, ROOT).environment(),
             **env,
+            "SAGA_USER_PREFIX": prefix,
             "SAGA_MANAGEMENT_URL": broker.management_url,
         },
         capture_output=True,
@@ -57,11 +59,54 @@ def provisioned(broker: Broker, amqp_url: str) -> Iterator[Provisioned]:
     )
     assert done.returncode == 0, done.stderr
     assert "topology declared" in done.stdout
+    return Provisioned(amqp_url, user_names(prefix), passwords)
+
+
+def delete_users(broker: Broker, prefix: str) -> None:
+    """Delete this run's users, and only those; ones never made are no error."""
+    assert prefix, "a test run deletes only users of its own prefix"
+    for user in user_names(prefix).values():
+        try:
+            broker.api("DELETE", f"users/{quote(user, safe='')}")
+        except ConfigurationError as exc:
+            if "HTTP 404" not in str(exc):
+                raise
+
+
+@pytest.fixture
+def provisioned(broker: Broker, amqp_url: str, user_prefix: str) -> Iterator[Provisioned]:
     try:
-        yield Provisioned(amqp_url, passwords)
+        yield provision(broker, amqp_url, user_prefix)
     finally:
-        for user in USERS:
-            broker.api("DELETE", f"users/{user}")
+        delete_users(broker, user_prefix)
+
+
+def shared_users(broker: Broker) -> dict[str, str]:
+    """The users a real `saga provision` (no prefix) makes, if any: name -> password hash."""
+    plain = set(user_names(""))
+    return {u["name"]: u["password_hash"] for u in broker.api("GET", "users") if u["name"] in plain}
+
+
+def test_a_test_run_makes_and_removes_only_users_of_its_own(
+    broker: Broker, amqp_url: str, user_prefix: str
+) -> None:
+    # Given whatever users a real provisioning made on this broker
+    before = shared_users(broker)
+
+    # When the tests provision and clean up
+    try:
+        provisioned = provision(broker, amqp_url, user_prefix)
+        on_broker = {u["name"] for u in broker.api("GET", "users")}
+        # Then they made users of this run's names
+        assert set(provisioned.users.values()) <= on_broker
+        assert all(name.startswith(user_prefix) for name in provisioned.users.values())
+    finally:
+        delete_users(broker, user_prefix)
+
+    # And removed those, leaving the shared ones as they were
+    after = {u["name"] for u in broker.api("GET", "users")}
+    assert not set(provisioned.users.values()) & after
+    assert shared_users(broker) == before
 
 
 def refused(url: str, exchange: str, routing_key: str) -> bool:
