@@ -117,6 +117,20 @@ class BrokerSettings(BaseSettings):
     connect_retry_s: float = Field(
         default=2.0, gt=0, description="Wait between attempts to reach the broker"
     )
+    connect_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Longest wait for connecting, declaring and starting consumers",
+    )
+    broker_give_up_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Exit (code 69) when the broker stays out of reach this long, for the "
+        "supervisor to restart the service",
+    )
+    publish_timeout_s: float = Field(
+        default=15.0, gt=0, description="Longest wait for the broker's confirm of a publish"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR"
     )

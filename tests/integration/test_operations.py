@@ -19,10 +19,14 @@ from tests.integration.test_saga_flows import ORDER, sent
 pytestmark = pytest.mark.broker
 
 
+# The `saga` command, through this interpreter: a venv need not be activated (on PATH).
+SAGA = (sys.executable, "-m", "orchestrator")
+
+
 def saga_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    """The installed `saga` console script, as an operator runs it."""
+    """The `saga` command, as an operator runs it."""
     return subprocess.run(
-        ["saga", *args],
+        [*SAGA, *args],
         cwd=ROOT,
         env=stack.environment(),
         capture_output=True,
@@ -99,7 +103,7 @@ def test_abort_compensates_a_running_saga_and_records_why(stack: Stack) -> None:
 
     # When an operator aborts it, and payment comes back (the refund needs an answer)
     aborting = subprocess.Popen(
-        ["saga", "abort", saga_id, "--reason", "customer called", "--json"],
+        [*SAGA, "abort", saga_id, "--reason", "customer called", "--json"],
         cwd=ROOT,
         env=stack.environment(),
         stdout=subprocess.PIPE,

@@ -9,6 +9,8 @@ from tests.integration.stack import Stack
 pytestmark = pytest.mark.broker
 
 ORDER = ("--customer", "c-1", "--sku", "item-1", "--qty", "1")
+# The one customer the order service refuses: the last step fails after the charge.
+BLOCKED = "c-9"
 
 
 def events(result: dict[str, object]) -> list[tuple[str, str]]:
@@ -27,7 +29,7 @@ def sent(result: dict[str, object]) -> list[str]:
 
 @pytest.fixture
 def running(stack: Stack) -> Stack:
-    stack.worker("all", "--stock", "item-1=10,item-2=5", "--block", "c-9")
+    stack.worker("all", "--stock", "item-1=10,item-2=5", "--block", BLOCKED)
     stack.orchestrator()
     return stack
 
@@ -79,9 +81,8 @@ def test_out_of_stock_is_rejected_without_side_effects(running: Stack) -> None:
 
 
 def test_complete_order_failure_refunds_then_releases(running: Stack) -> None:
-    # c-9 is blocked by the order service: the last step fails after the charge
     code, result = running.place_order(
-        "--customer", "c-9", "--sku", "item-1", "--qty", "2", "--amount", "30.00"
+        "--customer", BLOCKED, "--sku", "item-1", "--qty", "2", "--amount", "30.00"
     )
 
     assert code == 1, result
@@ -99,12 +100,14 @@ def test_complete_order_failure_refunds_then_releases(running: Stack) -> None:
 
 
 def test_many_orders_keep_stock_and_money_consistent(running: Stack) -> None:
-    # Ten concurrent clients race for five units of item-2
+    # Ten concurrent clients, none of them blocked, race for five units of item-2
+    customers = [f"racer-{i}" for i in range(10)]
+    assert BLOCKED not in customers
     clients = [
         running.place_order_async(
-            "--customer", f"c-{i}", "--sku", "item-2", "--qty", "1", "--amount", "10.00"
+            "--customer", customer, "--sku", "item-2", "--qty", "1", "--amount", "10.00"
         )
-        for i in range(10)
+        for customer in customers
     ]
     codes = [client.wait(60) for client in clients]
 
