@@ -43,3 +43,19 @@ class Rejected(SagaError):
 
 class ConcurrentUpdateError(SagaError):
     """Raised when a saga changed in the store since it was read (another writer won)."""
+
+
+class DefinitionError(ConfigurationError):
+    """Raised when a saga definition breaks the rules of sagas (e.g. undoable after the pivot)."""
+
+
+class AlreadyRunningError(ConfigurationError):
+    """Raised when another orchestrator already owns this store or this vhost's queues."""
+
+
+class BrokerUnavailableError(SagaError):
+    """Raised when the broker stayed out of reach longer than the service may wait for it."""
+
+
+class UnreadableSagaError(SagaError):
+    """Raised when a stored saga cannot be read back (corrupt, or from an unknown version)."""

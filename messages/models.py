@@ -250,6 +250,9 @@ class SagaStatus(enum.StrEnum):
     COMPENSATING = "COMPENSATING"
     COMPENSATED = "COMPENSATED"
     FAILED = "FAILED"
+    # Not a state a saga reaches by itself: the store could not read or decide it, so it was
+    # set aside for an operator instead of failing every timer tick. Never sent on the wire.
+    QUARANTINED = "QUARANTINED"
 
     @property
     def finished(self) -> bool:

@@ -2,16 +2,19 @@
 
 No I/O, no clock, no randomness: command ids are derived from the saga id, so deciding the
 same thing twice produces the same commands, and every transition is a plain unit test.
+
+A command's deadline starts when the broker confirms it (``on_sent``), not when it is
+decided: a broker outage or an outbox backlog never counts against a participant.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid5
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from messages.models import (
     Command,
@@ -24,9 +27,15 @@ from messages.models import (
     SagaFinished,
     SagaStatus,
 )
-from orchestrator.definition import RetryPolicy, SagaDefinition
+from orchestrator.definition import RetryPolicy, SagaDefinition, StepKind
 
 SAGA = "saga"  # the `step` of history entries about the saga as a whole
+# A step resent for hours would fill its history with "sent"/"timed_out" pairs; past the first
+# few, only every tenth attempt is recorded (the state still counts every one).
+_RECORD_EVERY = 10
+_RECORD_FIRST = 5
+# Fields of earlier versions that no longer mean anything; dropped when an old state is read.
+_RETIRED_FIELDS = ("generation", "failed_compensations")
 
 
 class SagaState(BaseModel):
@@ -37,21 +46,29 @@ class SagaState(BaseModel):
     saga_id: UUID
     request: PlaceOrder
     reply_to: str | None = None
+    watchers: tuple[str, ...] = ()  # reply_to queues of repeated requests: they get the result too
     traceparent: str | None = None  # the request's W3C trace context, carried by every command
     status: SagaStatus = SagaStatus.RUNNING
     step: int = 0  # the step running, or the step being compensated
     attempt: int = 0  # sends of the pending command so far
     pending: UUID | None = None  # id of the command whose reply we wait for
-    deadline: datetime | None = None
+    wait_s: float = 0.0  # how long the pending attempt waits once the broker has it
+    deadline: datetime | None = None  # None until the broker confirms the pending command
+    waiting_since: datetime | None = None  # first send of the pending command: for "stuck"
     to_compensate: tuple[int, ...] = ()  # steps still to undo after the current one
-    unanswered: tuple[str, ...] = ()  # compensations that never succeeded, and why
-    failed_compensations: tuple[int, ...] = ()  # their steps, for an operator's retry
-    generation: int = 0  # operator retries so far; part of every command id after one
+    unanswered: tuple[str, ...] = ()  # compensations that did not succeed, and why
     reason: str | None = None
     history: tuple[HistoryEntry, ...] = ()
     created_at: datetime
     updated_at: datetime
     version: int = 0  # bumped by every commit; lets a store detect concurrent writers
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_retired(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in data for k in _RETIRED_FIELDS):
+            return {k: v for k, v in data.items() if k not in _RETIRED_FIELDS}
+        return data
 
     @property
     def outcome(self) -> str | None:
@@ -59,6 +76,13 @@ class SagaState(BaseModel):
         if not self.unanswered:
             return self.reason
         return "; then ".join([self.reason or "compensation", *self.unanswered])
+
+    def stuck_for(self, now: datetime, after_s: float) -> float | None:
+        """Seconds the pending command has waited, if that is ``after_s`` or more."""
+        if self.status.finished or self.waiting_since is None:
+            return None
+        waited = (now - self.waiting_since).total_seconds()
+        return waited if waited >= after_s else None
 
 
 @dataclass(frozen=True)
@@ -71,10 +95,15 @@ class SendCommand:
 
 @dataclass(frozen=True)
 class PublishResult:
-    """Announce the saga's end on saga.events and to the requester's reply_to."""
+    """Send the saga's result to ``reply_to`` queues, and announce it on saga.events.
+
+    ``announce`` is False when the result goes to a repeated request only: saga.events
+    carries exactly one terminal event per saga.
+    """
 
     event: SagaFinished
-    reply_to: str | None
+    reply_to: tuple[str, ...]
+    announce: bool = True
 
 
 Outgoing = SendCommand | PublishResult
@@ -82,11 +111,16 @@ Outgoing = SendCommand | PublishResult
 
 @dataclass(frozen=True)
 class Decision:
-    """The new state and what to send; ``ignored`` says why an event changed nothing."""
+    """The new state and what to send.
+
+    ``ignored`` says why an event changed nothing; ``warning`` is something an operator
+    should hear about (the runtime logs it at WARNING).
+    """
 
     state: SagaState
     outbox: tuple[Outgoing, ...] = ()
     ignored: str | None = None
+    warning: str | None = None
 
 
 def start(
@@ -115,29 +149,40 @@ def start(
     return _send(definition, state, 0, 1, now)
 
 
+def on_repeat(state: SagaState, reply_to: str | None, now: datetime) -> Decision:
+    """The same PlaceOrder again (a client republishing): its new reply_to gets the result."""
+    if reply_to is None or reply_to == state.reply_to or reply_to in state.watchers:
+        return Decision(state, ignored=f"repeated request: saga is {state.status}")
+    if state.status.finished:
+        return Decision(state, (PublishResult(result(state), (reply_to,), announce=False),))
+    state = state.model_copy(update={"watchers": (*state.watchers, reply_to)})
+    return Decision(_record(state, now, SAGA, "repeated_request", f"result also to {reply_to}"))
+
+
+def on_sent(state: SagaState, command_id: UUID, now: datetime) -> Decision:
+    """The broker confirmed a command: the wait for its reply starts now."""
+    if state.status.finished or state.pending != command_id or state.deadline is not None:
+        return Decision(state, ignored="not the pending command, or its deadline already runs")
+    return Decision(state.model_copy(update={"deadline": now + timedelta(seconds=state.wait_s)}))
+
+
 def on_reply(definition: SagaDefinition, state: SagaState, reply: Reply, now: datetime) -> Decision:
     """Apply a participant's reply; duplicates, late and stray replies change nothing.
 
-    One late reply does count: the answer to a last step that timed out and left the saga
-    FAILED with its effect unknown. It settles the question, so the saga goes on from it.
+    A late answer to the command a FAILED saga was waiting for is recorded in its history,
+    and changes nothing else: FAILED is terminal.
     """
-    if state.status is SagaStatus.FAILED and state.pending and reply.command_id == state.pending:
-        state = _record(state, now, SAGA, "late_reply", f"{reply.command_type} answered at last")
-        state = state.model_copy(
-            update={
-                "status": SagaStatus.RUNNING,
-                "reason": None,
-                "generation": state.generation + 1,
-            }
-        )
-    if state.status.finished:
-        return Decision(state, ignored=f"saga is already {state.status}")
     if reply.command_id != state.pending:
         return Decision(
             state,
             ignored=f"reply to {reply.command_type} {reply.command_id} "
             "is not the one awaited (duplicate or late)",
         )
+    if state.status is SagaStatus.FAILED:
+        state = _record(state, now, SAGA, "late_reply", f"{reply.type}: {_reply_text(reply)}")
+        return Decision(state.model_copy(update={"pending": None}))
+    if state.status.finished:
+        return Decision(state, ignored=f"saga is already {state.status}")
     step = definition.steps[state.step]
     if state.status is SagaStatus.RUNNING:
         if isinstance(reply, CommandSucceeded):
@@ -146,7 +191,11 @@ def on_reply(definition: SagaDefinition, state: SagaState, reply: Reply, now: da
                 return _finish(state, SagaStatus.COMPLETED, now, None)
             return _send(definition, state, state.step + 1, 1, now)
         assert isinstance(reply, CommandFailed)
-        state = _record(state, now, step.name, "failed", _reason_text(reply))
+        state = _record(state, now, step.name, "failed", _reply_text(reply))
+        if step.kind is StepKind.RETRIABLE:
+            # Past the pivot there is no way back: only a person can sort this out.
+            detail = f"{reply.command_type} refused after the point of no return: {reply.reason}"
+            return _finish(state, SagaStatus.FAILED, now, detail)
         # The participant says nothing happened, so only the earlier steps need undoing.
         return _compensate(definition, state, range(state.step), now, reply.reason)
     # COMPENSATING
@@ -154,94 +203,105 @@ def on_reply(definition: SagaDefinition, state: SagaState, reply: Reply, now: da
         state = _record(state, now, step.name, "compensated", reply.detail)
     else:
         assert isinstance(reply, CommandFailed)
-        state = _record(state, now, step.name, "compensation_failed", _reason_text(reply))
-        state = _give_up_compensation(state, f"{reply.command_type} refused: {_reason_text(reply)}")
+        state = _record(state, now, step.name, "compensation_failed", _reply_text(reply))
+        why = f"{reply.command_type} refused: {_reply_text(reply)}"
+        state = state.model_copy(update={"unanswered": (*state.unanswered, why)})
     return _next_compensation(definition, state, now)
 
 
 def on_deadline(definition: SagaDefinition, state: SagaState, now: datetime) -> Decision:
-    """The pending command got no reply in time: resend it, or give up on it."""
+    """The pending command got no reply in time: resend it, or (before the pivot) undo it."""
     if state.status.finished or state.deadline is None or now < state.deadline:
         return Decision(state, ignored="no deadline has passed")
     step = definition.steps[state.step]
-    compensating = state.status is SagaStatus.COMPENSATING
-    policy = definition.compensation_retry if compensating else step.retry
-    command = _command_type(definition, state.step, compensating).__name__
-    state = _record(state, now, step.name, "timed_out", f"{command} attempt {state.attempt}")
-    if state.attempt < policy.max_attempts:
-        return _send(definition, state, state.step, state.attempt + 1, now)
-    if compensating:
-        # Keep going with the others, as Temporal's samples do, and report this one.
-        state = _give_up_compensation(state, f"{command} unanswered after {state.attempt} attempts")
-        return _next_compensation(definition, state, now)
-    if step.compensation is None:
-        # Its effect is unknown and cannot be undone: only a person can decide.
-        detail = (
-            f"{command} unanswered after {state.attempt} attempts; its effect is "
-            "unknown and it has no compensation"
-        )
-        return _finish(state, SagaStatus.FAILED, now, detail, keep_pending=True)
-    # Its effect is unknown, so undo it too (a compensation of nothing is a no-op).
+    policy = _policy(definition, state)
+    command = _command_type(definition, state.step, _compensating(state)).__name__
+    if _recorded(state.attempt):
+        state = _record(state, now, step.name, "timed_out", f"{command} attempt {state.attempt}")
+    if policy.max_attempts is None or state.attempt < policy.max_attempts:
+        decision = _send(definition, state, state.step, state.attempt + 1, now)
+        if policy.capped(state.attempt + 1) and not policy.capped(state.attempt):
+            warning = (
+                f"{command} unanswered after {state.attempt} attempts; resending every "
+                f"{policy.max_wait_s:g}s until {step.participant} answers"
+            )
+            return Decision(decision.state, decision.outbox, warning=warning)
+        return decision
+    # A compensatable step out of attempts: its effect is unknown, so undo it too (a
+    # compensation of nothing is a no-op, and leaves a tombstone against the late command).
     return _compensate(definition, state, range(state.step + 1), now, f"{step.name}_timed_out")
 
 
 def on_abort(
     definition: SagaDefinition, state: SagaState, reason: str, by: str, now: datetime
 ) -> Decision:
-    """An operator stops a RUNNING saga: compensate what is done and what is in flight."""
-    if state.status is not SagaStatus.RUNNING:
-        return Decision(state, ignored=f"only a RUNNING saga can be aborted; it is {state.status}")
+    """An operator stops a saga.
+
+    Before the pivot: compensate what is done and what is in flight. Past it, or while
+    compensating, only a stuck saga can be stopped, and it ends FAILED for a person to settle.
+    """
+    if state.status.finished:
+        return Decision(state, ignored=f"saga is already {state.status}")
     step = definition.steps[state.step]
-    if step.compensation is None:
+    if state.status is SagaStatus.RUNNING and step.kind is StepKind.COMPENSATABLE:
+        state = _record(state, now, SAGA, "abort_requested", f"by {by}: {reason}")
+        # The pending command may still be applied, so its step is compensated too.
+        return _compensate(definition, state, range(state.step + 1), now, f"aborted: {reason}")
+    command = _command_type(definition, state.step, _compensating(state)).__name__
+    if state.stuck_for(now, definition.stuck_after_s) is None:
+        if state.status is SagaStatus.RUNNING:
+            why = f"{command} is past the point of no return: the saga can only complete"
+        else:
+            why = f"{command} is on its way: compensations finish by themselves"
         return Decision(
             state,
-            ignored=f"{step.name} is in flight and cannot be undone; wait for it to finish",
+            ignored=f"{why}; it can be aborted once stuck "
+            f"(unanswered for {definition.stuck_after_s:g}s)",
         )
     state = _record(state, now, SAGA, "abort_requested", f"by {by}: {reason}")
-    # The pending command may still be applied, so its step is compensated too.
-    return _compensate(definition, state, range(state.step + 1), now, f"aborted: {reason}")
+    if state.status is SagaStatus.RUNNING:
+        detail = f"aborted: {reason}; {command} unanswered, its effect is unknown"
+    else:
+        left = [command] + [
+            _command_type(definition, i, True).__name__ for i in state.to_compensate
+        ]
+        detail = f"aborted: {reason}; not compensated: {', '.join(left)}"
+        state = state.model_copy(update={"unanswered": ()})
+        detail = "; then ".join([state.reason or "compensation", detail])
+    # Pending stays set, so a late answer to it is still recorded in the history.
+    return _finish(state, SagaStatus.FAILED, now, detail, keep_pending=True)
 
 
-def on_retry(
-    definition: SagaDefinition, state: SagaState, reason: str, by: str, now: datetime
-) -> Decision:
-    """An operator re-drives a FAILED saga from where it stopped.
-
-    A saga that failed compensating resends the compensations that never succeeded; one
-    whose last step's effect was unknown resends that step. Commands get new ids, so a
-    participant that refused before decides again.
-    """
-    if state.status is not SagaStatus.FAILED:
-        return Decision(state, ignored=f"only a FAILED saga can be retried; it is {state.status}")
-    state = _record(state, now, SAGA, "retry_requested", f"by {by}: {reason}")
-    state = state.model_copy(update={"generation": state.generation + 1})
-    if state.failed_compensations:
-        state = state.model_copy(
-            update={
-                "status": SagaStatus.COMPENSATING,
-                "to_compensate": state.failed_compensations,
-                "failed_compensations": (),
-                "unanswered": (),
-            }
-        )
-        return _next_compensation(definition, state, now)
-    state = state.model_copy(update={"status": SagaStatus.RUNNING, "reason": None})
-    return _send(definition, state, state.step, 1, now)
-
-
-def command_id(saga_id: UUID, step: str, compensating: bool, generation: int = 0) -> UUID:
-    """The idempotency key of a step's command: the same for every resend."""
-    name = f"{step}/{'compensation' if compensating else 'command'}"
-    return uuid5(saga_id, f"{name}/{generation}" if generation else name)
-
-
-def _give_up_compensation(state: SagaState, why: str) -> SagaState:
-    return state.model_copy(
-        update={
-            "unanswered": (*state.unanswered, why),
-            "failed_compensations": (*state.failed_compensations, state.step),
-        }
+def result(state: SagaState) -> SagaFinished:
+    """The SagaFinished event of a finished saga (the same message id every time)."""
+    assert state.status.finished, "only a finished saga has a result"
+    return SagaFinished(
+        message_id=uuid5(state.saga_id, "finished"),
+        saga_id=state.saga_id,
+        created_at=state.updated_at,
+        status=state.status,
+        reason=state.outcome,
+        history=state.history,
     )
+
+
+def command_id(saga_id: UUID, step: str, compensating: bool) -> UUID:
+    """The idempotency key of a step's command: the same for every resend, forever."""
+    return uuid5(saga_id, f"{step}/{'compensation' if compensating else 'command'}")
+
+
+def _compensating(state: SagaState) -> bool:
+    return state.status is SagaStatus.COMPENSATING
+
+
+def _policy(definition: SagaDefinition, state: SagaState) -> RetryPolicy:
+    if _compensating(state):
+        return definition.compensation_retry
+    return definition.steps[state.step].retry
+
+
+def _recorded(attempt: int) -> bool:
+    return attempt <= _RECORD_FIRST or attempt % _RECORD_EVERY == 0
 
 
 def _command_type(definition: SagaDefinition, index: int, compensating: bool) -> type[Command]:
@@ -261,7 +321,7 @@ def _build(
         if name not in Envelope.model_fields and name != "type"
     }
     return command(
-        message_id=command_id(state.saga_id, step, compensating, state.generation),
+        message_id=command_id(state.saga_id, step, compensating),
         saga_id=state.saga_id,
         created_at=now,
         **fields,
@@ -272,20 +332,22 @@ def _send(
     definition: SagaDefinition, state: SagaState, index: int, attempt: int, now: datetime
 ) -> Decision:
     step = definition.steps[index]
-    compensating = state.status is SagaStatus.COMPENSATING
-    policy: RetryPolicy = definition.compensation_retry if compensating else step.retry
+    compensating = _compensating(state)
     command = _build(
         _command_type(definition, index, compensating), state, step.name, compensating, now
     )
+    state = state.model_copy(update={"step": index})
     state = state.model_copy(
         update={
-            "step": index,
             "attempt": attempt,
             "pending": command.message_id,
-            "deadline": policy.deadline(now, attempt),
+            "wait_s": _policy(definition, state).wait_s(attempt),
+            "deadline": None,  # starts when the broker confirms the command (on_sent)
+            "waiting_since": now if attempt == 1 else state.waiting_since,
         }
     )
-    state = _record(state, now, step.name, "sent", f"{command.type} attempt {attempt}", attempt)
+    if _recorded(attempt):
+        state = _record(state, now, step.name, "sent", f"{command.type} attempt {attempt}", attempt)
     return Decision(state, (SendCommand(step.participant, command),))
 
 
@@ -314,7 +376,7 @@ def _finish(
     status: SagaStatus,
     now: datetime,
     reason: str | None,
-    keep_pending: bool = False,  # a late reply to it can still settle the saga
+    keep_pending: bool = False,  # a late reply to it is still recorded
 ) -> Decision:
     state = state.model_copy(
         update={
@@ -322,19 +384,13 @@ def _finish(
             "reason": reason,
             "pending": state.pending if keep_pending else None,
             "deadline": None,
+            "waiting_since": None,
             "to_compensate": (),
         }
     )
     state = _record(state, now, SAGA, status.lower(), state.outcome or "")
-    event = SagaFinished(
-        message_id=uuid5(state.saga_id, f"finished/{state.generation}"),
-        saga_id=state.saga_id,
-        created_at=now,
-        status=status,
-        reason=state.outcome,
-        history=state.history,
-    )
-    return Decision(state, (PublishResult(event, state.reply_to),))
+    reply_to = (state.reply_to, *state.watchers) if state.reply_to else state.watchers
+    return Decision(state, (PublishResult(result(state), reply_to),))
 
 
 def _record(
@@ -346,5 +402,8 @@ def _record(
     return state.model_copy(update={"history": (*state.history, entry), "updated_at": now})
 
 
-def _reason_text(reply: CommandFailed) -> str:
-    return f"{reply.reason}: {reply.detail}" if reply.detail else reply.reason
+def _reply_text(reply: Reply) -> str:
+    if isinstance(reply, CommandFailed):
+        return f"{reply.reason}: {reply.detail}" if reply.detail else reply.reason
+    assert isinstance(reply, CommandSucceeded)
+    return reply.detail or "succeeded"
