@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -15,15 +16,23 @@ import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
-    AbstractRobustConnection,
     ExchangeType,
 )
 
 from messages import topology, tracing
 from messages.codec import Wire, decode, encode
-from messages.errors import ConfigurationError, DecodeError, PublishFailedError, Rejected
+from messages.errors import (
+    AlreadyRunningError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    DecodeError,
+    PublishFailedError,
+    Rejected,
+)
+from messages.health import Health
 from messages.logs import saga_context
 from messages.metrics import DEAD_LETTERED
 from messages.models import AnyMessage, Envelope
@@ -41,33 +50,18 @@ BROKER_ERRORS = (
 )
 
 
-async def connect(settings: BrokerSettings, name: str) -> AbstractRobustConnection:
+async def connect(settings: BrokerSettings, name: str) -> AbstractConnection:
     """Connect to the broker, retrying with a clear log line until it answers.
 
-    The connection is robust: after a broker restart aio-pika reconnects and restores
-    channels, exchanges, queues and consumers on its own.
+    For one-shot tools (provision, tests). Long-lived services use ``run_connected``, which
+    also starts over when the connection is lost.
     """
     attempt = 0
     while True:
         attempt += 1
         try:
-            return await aio_pika.connect_robust(
-                settings.amqp_url,
-                client_properties={"connection_name": name},
-                reconnect_interval=settings.connect_retry_s,
-                ssl_context=tls_context(settings.amqp_url, settings.ca_file),
-            )
-        except aiormq.exceptions.ProbableAuthenticationError as exc:
-            raise ConfigurationError(
-                f"RabbitMQ at {redact(settings.amqp_url)} refused the login: {exc}"
-            ) from exc
-        except aiormq.exceptions.InvalidFrameError as exc:
-            # The broker closes a connection to a vhost it does not have, or we may not use.
-            raise ConfigurationError(
-                f"RabbitMQ at {redact(settings.amqp_url)} refused the connection: does the vhost "
-                "exist, and may this user use it?"
-            ) from exc
-        except (TimeoutError, aiormq.exceptions.AMQPConnectionError, OSError) as exc:
+            return await _open(settings, name)
+        except _TRANSIENT as exc:
             log.warning(
                 "cannot reach RabbitMQ at %s (attempt %d): %s; retrying in %.1fs",
                 redact(settings.amqp_url),
@@ -76,6 +70,160 @@ async def connect(settings: BrokerSettings, name: str) -> AbstractRobustConnecti
                 settings.connect_retry_s,
             )
             await asyncio.sleep(settings.connect_retry_s)
+
+
+# What failing to reach the broker looks like: worth another try after a pause.
+_TRANSIENT = (TimeoutError, aiormq.exceptions.AMQPConnectionError, OSError, *BROKER_ERRORS)
+
+
+async def _open(settings: BrokerSettings, name: str) -> AbstractConnection:
+    """One bounded attempt at a connection; login and vhost refusals are ConfigurationErrors."""
+    try:
+        return await asyncio.wait_for(
+            aio_pika.connect(
+                settings.amqp_url,
+                client_properties={"connection_name": name},
+                ssl_context=tls_context(settings.amqp_url, settings.ca_file),
+                timeout=settings.connect_timeout_s,
+            ),
+            settings.connect_timeout_s,
+        )
+    except aiormq.exceptions.ProbableAuthenticationError as exc:
+        raise ConfigurationError(
+            f"RabbitMQ at {redact(settings.amqp_url)} refused the login: {exc}"
+        ) from exc
+    except aiormq.exceptions.InvalidFrameError as exc:
+        # The broker closes a connection to a vhost it does not have, or we may not use.
+        raise ConfigurationError(
+            f"RabbitMQ at {redact(settings.amqp_url)} refused the connection: does the vhost "
+            "exist, and may this user use it?"
+        ) from exc
+
+
+class Session:
+    """One connection and the channels and consumers a service set up on it.
+
+    ``lost()`` returns (with the reason) as soon as the connection or any channel closes, or
+    the broker cancels a consumer: the service then starts over on a new connection, rather
+    than carrying on half-connected.
+    """
+
+    def __init__(self, connection: AbstractConnection) -> None:
+        self.connection = connection
+        self.consuming: list[str] = []
+        self._lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        connection.close_callbacks.add(lambda _, exc: self.lose(f"connection closed: {exc}"))
+
+    def lose(self, why: str) -> None:
+        if not self._lost.done():
+            self._lost.set_result(why)
+
+    async def lost(self) -> str:
+        return await asyncio.shield(self._lost)
+
+    async def channel(self, *, confirms: bool = False, prefetch: int = 0) -> AbstractChannel:
+        """A channel whose loss ends the session."""
+        channel = await self.connection.channel(publisher_confirms=confirms)
+        channel.close_callbacks.add(lambda _, exc: self.lose(f"channel closed: {exc}"))
+        if prefetch:
+            await channel.set_qos(prefetch_count=prefetch)
+        return channel
+
+    async def consume(
+        self,
+        channel: AbstractChannel,
+        queue_name: str,
+        exchanges: Exchanges,
+        handler: Handler,
+        settings: BrokerSettings,
+        *,
+        exclusive: bool = False,
+    ) -> None:
+        """``consume``, and end the session if the broker ever cancels this consumer."""
+        await consume(channel, queue_name, exchanges, handler, settings, exclusive=exclusive)
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(
+            lambda _: self.lose(f"the broker cancelled the consumer of {queue_name}")
+        )
+        self.consuming.append(queue_name)
+
+
+Setup = Callable[[Session], Awaitable[None]]
+
+
+async def run_connected(
+    settings: BrokerSettings,
+    name: str,
+    setup: Setup,
+    health: Health,
+    on_lost: Callable[[], None] = lambda: None,
+) -> None:
+    """Connect, ``setup`` the session, and start over whenever it is lost; never returns.
+
+    Every attempt (connect, declare, consume) is bounded by SAGA_CONNECT_TIMEOUT_S. When
+    the broker stays out of reach for SAGA_BROKER_GIVE_UP_S, raise BrokerUnavailableError,
+    so the process exits and its supervisor restarts it, instead of hanging while it looks
+    alive.
+    """
+    down_since = time.monotonic()
+    ever_up = False
+    attempt = 0
+    while True:
+        attempt += 1
+        session: Session | None = None
+        try:
+            session = Session(await _open(settings, name))
+            await asyncio.wait_for(setup(session), settings.connect_timeout_s)
+        except (*_TRANSIENT, AlreadyRunningError) as exc:
+            if isinstance(exc, AlreadyRunningError) and not ever_up:
+                raise  # at start: another instance really is there
+            # After a reconnect the broker may not have noticed our old connection is gone.
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            await _close(session)
+            health.down(f"cannot reach RabbitMQ: {why}")
+            down_for = time.monotonic() - down_since
+            if down_for > settings.broker_give_up_s:
+                raise BrokerUnavailableError(
+                    f"RabbitMQ at {redact(settings.amqp_url)} out of reach for {down_for:.0f}s "
+                    f"(SAGA_BROKER_GIVE_UP_S={settings.broker_give_up_s:g}): {why}"
+                ) from exc
+            log.warning(
+                "cannot reach RabbitMQ at %s (attempt %d): %s; retrying in %.1fs",
+                redact(settings.amqp_url),
+                attempt,
+                why,
+                settings.connect_retry_s,
+            )
+            await asyncio.sleep(settings.connect_retry_s)
+            continue
+        except BaseException:
+            await _close(session)
+            raise
+        if ever_up:
+            log.warning(
+                "reconnected to RabbitMQ after %.1fs; consuming %s",
+                time.monotonic() - down_since,
+                ", ".join(session.consuming) or "nothing",
+            )
+        ever_up, attempt = True, 0
+        health.up(session.consuming)
+        try:
+            why = await session.lost()
+        finally:
+            on_lost()
+        down_since = time.monotonic()
+        log.warning("connection to RabbitMQ lost (%s); reconnecting", why)
+        health.down(f"connection lost: {why}")
+        await _close(session)
+
+
+async def _close(session: Session | None) -> None:
+    if session is None:
+        return
+    try:
+        await asyncio.wait_for(session.connection.close(), 5)
+    except Exception as exc:  # it is being thrown away: nothing else to do
+        log.debug("closing a lost connection: %r", exc)
 
 
 @dataclass
@@ -143,7 +291,11 @@ async def _existing_topology(channel: AbstractChannel) -> Exchanges:
 
 
 def to_amqp(
-    wire: Wire, *, reply_to: str | None = None, headers: dict[str, str] | None = None
+    wire: Wire,
+    *,
+    reply_to: str | None = None,
+    headers: dict[str, str] | None = None,
+    user_id: str | None = None,
 ) -> aio_pika.Message:
     """An aio-pika message with the properties we set on every publish."""
     return aio_pika.Message(
@@ -155,6 +307,7 @@ def to_amqp(
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         reply_to=reply_to,
         headers=dict(headers or {}),
+        user_id=user_id,
     )
 
 
@@ -166,16 +319,21 @@ async def publish(
     mandatory: bool = True,
     reply_to: str | None = None,
     headers: dict[str, str] | None = None,
+    user_id: str | None = None,
+    timeout: float | None = None,
 ) -> None:
     """Publish and wait for the broker's confirm; raise PublishFailedError when there is none.
 
     With ``mandatory`` an unroutable message is an error, so a missing queue never swallows
-    a command silently.
+    a command silently. ``user_id`` must be the connection's login (RabbitMQ checks it), so
+    the receiver knows who sent it. With ``timeout``, a confirm that does not come in time
+    is a PublishFailedError too.
     """
     wire = message if isinstance(message, Wire) else encode(message)
+    amqp_message = to_amqp(wire, reply_to=reply_to, headers=headers, user_id=user_id)
     try:
-        result = await exchange.publish(
-            to_amqp(wire, reply_to=reply_to, headers=headers), routing_key, mandatory=mandatory
+        result = await asyncio.wait_for(
+            exchange.publish(amqp_message, routing_key, mandatory=mandatory), timeout
         )
     except BROKER_ERRORS as exc:
         raise PublishFailedError(
@@ -214,6 +372,8 @@ async def consume(
     exchanges: Exchanges,
     handler: Handler,
     settings: BrokerSettings,
+    *,
+    exclusive: bool = False,
 ) -> None:
     """Consume ``queue_name``: decode each delivery, hand it to ``handler``, then ack.
 
@@ -223,10 +383,14 @@ async def consume(
     of the queue, up to SAGA_MAX_DELIVERIES times; then it is dead-lettered with the error.
     """
     consumer = _Consumer(queue_name, exchanges, handler, settings)
-    # ensure=True declares it passively, which is what makes a robust channel re-consume
-    # it after a reconnect (a queue merely looked up is not restored).
     queue = await channel.get_queue(queue_name, ensure=True)
-    await queue.consume(consumer.on_message)
+    try:
+        await queue.consume(consumer.on_message, exclusive=exclusive)
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        raise AlreadyRunningError(
+            f"another consumer holds {queue_name} exclusively on this vhost ({exc}): "
+            "is another instance running against the same RabbitMQ vhost?"
+        ) from exc
 
 
 class _Consumer:
@@ -299,7 +463,7 @@ class _Consumer:
         DEAD_LETTERED.labels(self.queue, reason).inc()
         log.warning(
             "dead-lettering message %s from %s: %s: %s",
-            incoming.message_id,
+            incoming.message_id or f"(no message_id, delivery {incoming.delivery_tag})",
             self.queue,
             reason,
             detail,

@@ -10,7 +10,11 @@ from typing import Any
 
 import uvloop
 
+from messages.errors import BrokerUnavailableError
+
 log = logging.getLogger(__name__)
+
+EX_UNAVAILABLE = 69  # sysexits.h: a service this one needs is not there
 
 
 def run_service(main: Coroutine[Any, Any, None]) -> int:
@@ -29,4 +33,8 @@ def run_service(main: Coroutine[Any, Any, None]) -> int:
         uvloop.run(wrapper())
     except asyncio.CancelledError:
         log.info("stopped")
+    except BrokerUnavailableError as exc:
+        # Exit rather than hang: the supervisor (compose, systemd) restarts us.
+        log.error("giving up: %s", exc)
+        return EX_UNAVAILABLE
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prometheus_client import Counter, Histogram
@@ -66,14 +67,16 @@ class StoreCollector(Collector):
     metrics server's thread, so it opens its own read-only connection.
     """
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: Path, stuck_after_s: float) -> None:
         self.db_path = db_path
+        self.stuck_after_s = stuck_after_s
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         store = SqliteStore(self.db_path, readonly=True)
         try:
             counts = store.counts()
             depth = store.outbox_depth()
+            stuck = store.stuck(datetime.now(UTC), self.stuck_after_s)
         finally:
             store.close()
         sagas = GaugeMetricFamily("saga_sagas", "Sagas in the store, by state", labels=["state"])
@@ -83,8 +86,11 @@ class StoreCollector(Collector):
         in_flight = counts.get("RUNNING", 0) + counts.get("COMPENSATING", 0)
         yield GaugeMetricFamily("saga_in_flight", "Sagas RUNNING or COMPENSATING", in_flight)
         yield GaugeMetricFamily("saga_outbox_depth", "Messages waiting to be published", depth)
+        yield GaugeMetricFamily(
+            "saga_stuck", "Sagas waiting SAGA_STUCK_AFTER_S or longer for one reply", stuck
+        )
 
 
-def register_store(db_path: Path) -> None:
+def register_store(db_path: Path, stuck_after_s: float) -> None:
     """Add the store's gauges to the default registry."""
-    REGISTRY.register(StoreCollector(db_path))
+    REGISTRY.register(StoreCollector(db_path, stuck_after_s))

@@ -2,14 +2,19 @@
 
 Publishing never waits for the previous confirm: rows go out as soon as they are committed,
 confirms come back asynchronously, and confirmed rows are deleted by the next commit of
-saga state (no fsync of their own), or after a quiet moment. A row whose publish fails stays
-in the outbox and is sent again (participants dedupe by command id).
+saga state (no fsync of their own), or after a quiet moment. A row whose publish fails (no
+connection, unroutable, nacked, or no confirm in time) is retried on its own, with backoff,
+so one row that cannot be published never holds up the others. Participants dedupe by
+command id, so a row sent twice does no harm.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from aio_pika.abc import AbstractExchange
 
@@ -22,50 +27,88 @@ log = logging.getLogger(__name__)
 BATCH = 512
 MAX_IN_FLIGHT = 4096  # unconfirmed publishes at once; bounds memory under a slow broker
 IDLE_FLUSH_S = 0.05  # how long confirmed rows may wait to be deleted when nothing else happens
+FIRST_RETRY_S = 0.25  # wait before a failed row's first retry; doubles up to max_retry_s
+
+
+@dataclass
+class _Retry:
+    row: OutboxMessage
+    failures: int
+    due: float  # time.monotonic() of the next try
 
 
 class OutboxRelay:
-    """Runs until cancelled; ``wake()`` after each commit that queued messages."""
+    """Runs until cancelled; ``wake()`` after each commit that queued messages.
+
+    Publishes only while attached to a connection's exchanges (``attach``/``detach``).
+    ``on_confirmed`` hears of every confirmed row; rows it does not take over (it returns
+    False) are deleted by the relay.
+    """
 
     def __init__(
-        self, store: SagaStore, exchanges: dict[str, AbstractExchange], retry_s: float
+        self,
+        store: SagaStore,
+        on_confirmed: Callable[[OutboxMessage], bool],
+        publish_timeout_s: float,
+        max_retry_s: float,
     ) -> None:
         self.store = store
-        self.exchanges = exchanges
-        self.retry_s = retry_s
+        self.on_confirmed = on_confirmed
+        self.publish_timeout_s = publish_timeout_s
+        self.max_retry_s = max_retry_s
+        self._exchanges: dict[str, AbstractExchange] | None = None
+        self._attached = asyncio.Event()
         self._ready = asyncio.Event()
-        self._ready.set()  # whatever a previous run left in the outbox goes first
-        self._cursor = 0  # highest row id handed to a publish
+        self._cursor = 0  # highest row id read from the store
         self._confirmed: list[int] = []
-        self._failed = False
+        self._retries: dict[int, _Retry] = {}
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def attach(self, exchanges: dict[str, AbstractExchange]) -> None:
+        """A connection is up: publish through these exchanges, failed rows first."""
+        self._exchanges = exchanges
+        now = time.monotonic()
+        for retry in self._retries.values():
+            retry.due = now
+        self._attached.set()
+        self._ready.set()
+
+    def detach(self) -> None:
+        """The connection is gone: hold everything until the next ``attach``."""
+        self._exchanges = None
+        self._attached.clear()
+
     def wake(self) -> None:
         self._ready.set()
+
+    def done(self, ids: list[int]) -> None:
+        """Rows ``on_confirmed`` took over but could not delete itself: delete them later."""
+        self._confirmed.extend(ids)
 
     def take_confirmed(self) -> list[int]:
         """Confirmed rows, for the caller's next commit to delete."""
         done, self._confirmed = self._confirmed, []
         return done
 
-    def give_back(self, ids: list[int]) -> None:
-        """That commit failed: delete these later after all."""
-        self._confirmed.extend(ids)
+    @property
+    def retrying(self) -> int:
+        """Rows waiting to be published again."""
+        return len(self._retries)
 
     async def run(self) -> None:
         try:
             while True:
-                if self._failed:
-                    await self._recover()
+                await self._attached.wait()
                 self._ready.clear()
-                rows = self.store.outbox(BATCH, after=self._cursor)
+                rows = self._due_retries() + self.store.outbox(BATCH, after=self._cursor)
                 if not rows:
                     await self._idle()
                     continue
                 for row in rows:
+                    assert row.id is not None
                     await self._slots.acquire()
-                    self._cursor = row.id or self._cursor
+                    self._cursor = max(self._cursor, row.id)
                     task = asyncio.create_task(self._publish(row))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
@@ -73,40 +116,70 @@ class OutboxRelay:
             for task in self._tasks:
                 task.cancel()
 
+    def _due_retries(self) -> list[OutboxMessage]:
+        now = time.monotonic()
+        due = [r for r in self._retries.values() if r.due <= now]
+        for retry in due:
+            retry.due = float("inf")  # in flight; _publish reschedules or forgets it
+        return [retry.row for retry in due]
+
     async def _idle(self) -> None:
+        waits = [r.due for r in self._retries.values() if r.due != float("inf")]
+        timeout = IDLE_FLUSH_S
+        if waits:
+            timeout = max(0.0, min(timeout, min(waits) - time.monotonic()))
         try:
-            await asyncio.wait_for(self._ready.wait(), IDLE_FLUSH_S)
+            await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:
             self._flush()  # nothing is being committed that could take them
 
     async def _publish(self, row: OutboxMessage) -> None:
+        assert row.id is not None
         try:
-            await amqp.publish(
-                self.exchanges[row.exchange],
-                row.wire,
-                row.routing_key,
-                mandatory=row.mandatory,
-                headers={tracing.HEADER: row.traceparent} if row.traceparent else None,
+            if self._exchanges is None:
+                raise ConnectionError("not connected")
+            await asyncio.wait_for(
+                amqp.publish(
+                    self._exchanges[row.exchange],
+                    row.wire,
+                    row.routing_key,
+                    mandatory=row.mandatory,
+                    headers={tracing.HEADER: row.traceparent} if row.traceparent else None,
+                ),
+                self.publish_timeout_s,
             )
-        except Exception as exc:  # whatever it was, the row must be sent again
-            with saga_context(row.wire.correlation_id):
-                log.warning("outbox publish failed, will retry: %s", exc)
-            self._failed = True
-            self._ready.set()
+        except Exception as exc:  # whatever it was, the row must be sent again, later
+            self._failed(row, exc)
         else:
-            assert row.id is not None
-            self._confirmed.append(row.id)
+            self._retries.pop(row.id, None)
+            if not self.on_confirmed(row):
+                self._confirmed.append(row.id)
         finally:
             self._slots.release()
 
-    async def _recover(self) -> None:
-        """After a failed publish: let the rest settle, wait, then resend all unconfirmed."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks))
-        self._flush()
-        await asyncio.sleep(self.retry_s)
-        self._failed = False
-        self._cursor = 0
+    def _failed(self, row: OutboxMessage, exc: BaseException) -> None:
+        assert row.id is not None
+        retry = self._retries.get(row.id) or _Retry(row, 0, 0.0)
+        retry.failures += 1
+        wait = self._wait(retry.failures)
+        retry.due = time.monotonic() + wait
+        self._retries[row.id] = retry
+        # Logged when it starts and when the wait stops growing, not on every try.
+        capped_now = wait >= self.max_retry_s > self._wait(retry.failures - 1)
+        if retry.failures == 1 or capped_now:
+            with saga_context(row.wire.correlation_id):
+                log.warning(
+                    "publishing %s to %s/%s failed (%d time(s)): %s; retrying in %.1fs",
+                    row.wire.type,
+                    row.exchange or "(default)",
+                    row.routing_key,
+                    retry.failures,
+                    exc or type(exc).__name__,
+                    wait,
+                )
+
+    def _wait(self, failures: int) -> float:
+        return float(min(FIRST_RETRY_S * 2 ** min(failures - 1, 30), self.max_retry_s))
 
     def _flush(self) -> None:
         if self._confirmed:

@@ -3,15 +3,18 @@
 Every event follows the same path: load the saga, ask the engine, commit the new state and
 its outgoing messages in one transaction, then ack. Events that arrive in the same loop turn
 share one transaction (group commit). The outbox relay publishes what was committed, with
-confirms, and deletes each row only once the broker has it.
+confirms, and deletes each row only once the broker has it; a command's confirm is itself an
+event (``engine.on_sent``), since its deadline starts there. A lost connection is set up
+again from scratch (``amqp.run_connected``); the timer and the store carry on meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -20,19 +23,13 @@ from messages import amqp, topology, tracing
 from messages.amqp import Exchanges
 from messages.batching import GroupCommit
 from messages.codec import encode
-from messages.errors import Rejected, SagaNotFoundError
+from messages.errors import Rejected, SagaNotFoundError, UnreadableSagaError
+from messages.health import Health
 from messages.logs import saga_context
 from messages.metrics import serve as serve_metrics
-from messages.models import (
-    AbortSaga,
-    ActionRefused,
-    AnyMessage,
-    OperatorAction,
-    PlaceOrder,
-    Reply,
-)
+from messages.models import AbortSaga, ActionRefused, AnyMessage, PlaceOrder, Reply
 from orchestrator import engine, metrics
-from orchestrator.definition import RetryPolicy, SagaDefinition, order_saga
+from orchestrator.definition import SagaDefinition, order_saga
 from orchestrator.relay import OutboxRelay
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.store import OutboxMessage, SagaStore
@@ -40,18 +37,18 @@ from orchestrator.store import OutboxMessage, SagaStore
 log = logging.getLogger(__name__)
 
 DUE_BATCH = 256  # sagas whose deadline passed, handled per timer tick
+# Queues a client owns: server-named ones, and RabbitMQ's direct reply-to pseudo-queue.
+REPLY_QUEUE_PREFIXES = ("amq.gen-", "amq.rabbitmq.reply-to")
 
 
 def definition_from(settings: OrchestratorSettings) -> SagaDefinition:
     """The order saga with the time-outs and retry bounds from settings."""
-
-    def policy(attempts: int) -> RetryPolicy:
-        return RetryPolicy(
-            settings.step_timeout_s, attempts, settings.retry_backoff, settings.max_retry_wait_s
-        )
-
     return order_saga(
-        policy(settings.step_max_attempts), policy(settings.compensation_max_attempts)
+        settings.step_timeout_s,
+        settings.step_max_attempts,
+        settings.retry_backoff,
+        settings.max_retry_wait_s,
+        settings.stuck_after_s,
     )
 
 
@@ -68,11 +65,21 @@ def to_outbox(decision: engine.Decision) -> list[OutboxMessage]:
             continue
         # Nobody may be listening for results: unroutable is fine, not an error.
         wire = encode(out.event)
-        key = topology.event_routing_key(out.event.status)
-        rows.append(OutboxMessage(topology.EVENTS_EXCHANGE, key, wire, False, trace))
-        if out.reply_to:
-            rows.append(OutboxMessage("", out.reply_to, wire, False, trace))
+        if out.announce:
+            key = topology.event_routing_key(out.event.status)
+            rows.append(OutboxMessage(topology.EVENTS_EXCHANGE, key, wire, False, trace))
+        rows += [OutboxMessage("", queue, wire, False, trace) for queue in out.reply_to]
     return rows
+
+
+def check_reply_to(reply_to: str | None) -> None:
+    """A result may go only to a client's own queue: refuse anything else (Rejected)."""
+    if reply_to is None or reply_to.startswith(REPLY_QUEUE_PREFIXES):
+        return
+    raise Rejected(
+        "bad_reply_to",
+        f"reply_to {reply_to[:100]!r} is not a client's own queue (amq.gen-* or direct reply-to)",
+    )
 
 
 class Orchestrator:
@@ -82,82 +89,100 @@ class Orchestrator:
         self.settings = settings
         self.store = store
         self.definition = definition_from(settings)
-        self._group: GroupCommit[engine.Decision, None] = GroupCommit(self._commit)
+        self.reply_users = settings.reply_users
+        self._group: GroupCommit[tuple[engine.Decision, Sequence[int]], None] = GroupCommit(
+            self._commit
+        )
         # Decided but not yet committed: a second event for the same saga in the same
         # batch must build on the first one's state, not on the stored one.
         self._uncommitted: dict[UUID, engine.SagaState] = {}
-        self._relay: OutboxRelay | None = None
+        self._relay = OutboxRelay(
+            store, self._on_confirmed, settings.publish_timeout_s, settings.max_retry_wait_s
+        )
         self._exchanges: Exchanges | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     def now(self) -> datetime:
         return datetime.now(UTC)
 
     async def run(self) -> None:
-        """Run until cancelled."""
+        """Run until cancelled, or until the broker stays away too long (raises)."""
         if self.settings.metrics_port:
-            metrics.register_store(self.settings.db_path)
+            metrics.register_store(self.settings.db_path, self.settings.stuck_after_s)
             serve_metrics(self.settings.metrics_port)
-        connection = await amqp.connect(self.settings, "orchestrator")
-        async with connection:
-            publish_channel = await connection.channel(publisher_confirms=True)
-            exchanges = self._exchanges = await amqp.declare_topology(
-                publish_channel, self.settings.declare_topology
+        if not self.reply_users:
+            log.info("SAGA_PARTICIPANT_USERS is not set: replies are not checked for their sender")
+        depth = self.store.outbox_depth()
+        if depth:
+            log.info("resuming: %d outbox message(s) to republish", depth)
+        health = Health(
+            self.settings.data_dir / "orchestrator.health",
+            [topology.REQUESTS_QUEUE, topology.REPLIES_QUEUE],
+        )
+        connected = amqp.run_connected(
+            self.settings, "orchestrator", self._setup, health, self._relay.detach
+        )
+        await run_all(
+            {
+                "outbox-relay": self._relay.run(),
+                "deadline-timer": self._timer(),
+                "health": health.run(),
+                "connection": connected,
+            }
+        )
+
+    async def _setup(self, session: amqp.Session) -> None:
+        """On each new connection: declare, consume (exclusively), and let the relay publish."""
+        publish_channel = await session.channel(confirms=True)
+        exchanges = self._exchanges = await amqp.declare_topology(
+            publish_channel, self.settings.declare_topology
+        )
+        consume_channel = await session.channel(prefetch=self.settings.prefetch)
+        for queue, handler in (
+            (topology.REQUESTS_QUEUE, self.on_request),
+            (topology.REPLIES_QUEUE, self.on_reply),
+        ):
+            # Exclusive: a second orchestrator on this vhost is refused instead of splitting
+            # the sagas with a store that knows nothing of them.
+            await session.consume(
+                consume_channel, queue, exchanges, handler, self.settings, exclusive=True
             )
-            consume_channel = await connection.channel()
-            await consume_channel.set_qos(prefetch_count=self.settings.prefetch)
-            depth = self.store.outbox_depth()
-            if depth:
-                log.info("resuming: %d outbox message(s) to republish", depth)
-            self._relay = OutboxRelay(
-                self.store,
-                {
-                    topology.COMMANDS_EXCHANGE: exchanges.commands,
-                    topology.EVENTS_EXCHANGE: exchanges.events,
-                    "": exchanges.default,
-                },
-                self.settings.connect_retry_s,
-            )
-            tasks = [
-                asyncio.create_task(self._relay.run(), name="outbox-relay"),
-                asyncio.create_task(self._timer(), name="deadline-timer"),
-            ]
-            for queue, handler in (
-                (topology.REQUESTS_QUEUE, self.on_request),
-                (topology.REPLIES_QUEUE, self.on_reply),
-            ):
-                await amqp.consume(consume_channel, queue, exchanges, handler, self.settings)
-            log.info(
-                "orchestrator ready: consuming %s and %s on %s",
-                topology.REQUESTS_QUEUE,
-                topology.REPLIES_QUEUE,
-                amqp.redact(self.settings.amqp_url),
-            )
-            try:
-                await asyncio.gather(*tasks)
-            finally:
-                for task in tasks:
-                    task.cancel()
+        self._relay.attach(
+            {
+                topology.COMMANDS_EXCHANGE: exchanges.commands,
+                topology.EVENTS_EXCHANGE: exchanges.events,
+                "": exchanges.default,
+            }
+        )
+        log.info(
+            "orchestrator ready: consuming %s and %s on %s",
+            topology.REQUESTS_QUEUE,
+            topology.REPLIES_QUEUE,
+            amqp.redact(self.settings.amqp_url),
+        )
 
     async def on_request(self, message: AnyMessage, incoming: AbstractIncomingMessage) -> None:
-        """A PlaceOrder starts a saga (a repeated one is dropped); operators abort or retry."""
-        if isinstance(message, OperatorAction):
-            await self._operator_action(message, incoming.reply_to)
+        """A PlaceOrder starts a saga (a repeated one gets the result too); operators abort."""
+        check_reply_to(incoming.reply_to)
+        if isinstance(message, AbortSaga):
+            await self._abort(message, incoming.reply_to)
             return
         if not isinstance(message, PlaceOrder):
             raise Rejected("unexpected_type", f"{message.type} does not belong on requests")
 
         def decide(state: engine.SagaState | None) -> engine.Decision:
             if state is not None:
-                return engine.Decision(state, ignored=f"repeated request: saga is {state.status}")
+                return engine.on_repeat(state, incoming.reply_to, self.now())
             trace = tracing.outgoing().get(tracing.HEADER)
             return engine.start(self.definition, message, incoming.reply_to, self.now(), trace)
 
         await self._decide(message.saga_id, decide)
 
     async def on_reply(self, message: AnyMessage, incoming: AbstractIncomingMessage) -> None:
-        """Apply a participant's reply to its saga."""
+        """Apply a participant's reply to its saga, if it comes from that participant."""
         if not isinstance(message, Reply):
             raise Rejected("unexpected_type", f"{message.type} does not belong on replies")
+        self._check_sender(message, incoming.user_id)
 
         def decide(state: engine.SagaState | None) -> engine.Decision:
             if state is None:
@@ -166,14 +191,33 @@ class Orchestrator:
 
         await self._decide(message.saga_id, decide)
 
-    async def _operator_action(self, action: OperatorAction, reply_to: str | None) -> None:
-        """Abort or retry, as the engine allows; a refusal goes back to the operator."""
-        act = engine.on_abort if isinstance(action, AbortSaga) else engine.on_retry
+    def _check_sender(self, reply: Reply, user_id: str | None) -> None:
+        """Only the step's own participant, logged in as its own user, may answer it."""
+        step = self.definition.step_for(reply.command_type)
+        if step is None:
+            raise Rejected("unexpected_reply", f"no step sends {reply.command_type}")
+        if reply.participant != step.participant:
+            raise Rejected(
+                "wrong_participant",
+                f"{reply.command_type} is answered by {step.participant}, not {reply.participant}",
+            )
+        expected = self.reply_users.get(step.participant)
+        if expected is not None and user_id != expected:
+            raise Rejected(
+                "unauthenticated_reply",
+                f"{reply.command_type} must come from RabbitMQ user {expected!r}; "
+                f"it came from {user_id!r}",
+            )
+
+    async def _abort(self, action: AbortSaga, reply_to: str | None) -> None:
+        """Abort as the engine allows; a refusal goes back to the operator."""
 
         def decide(state: engine.SagaState | None) -> engine.Decision:
             if state is None:
                 raise SagaNotFoundError(f"no saga {action.saga_id}")
-            return act(self.definition, state, action.reason, action.requested_by, self.now())
+            return engine.on_abort(
+                self.definition, state, action.reason, action.requested_by, self.now()
+            )
 
         log.info("%s requested by %s: %s", action.type, action.requested_by, action.reason)
         try:
@@ -184,61 +228,134 @@ class Orchestrator:
             answer = ActionRefused(saga_id=action.saga_id, action=action.type, detail=refusal)
             await amqp.publish(self._exchanges.default, answer, reply_to, mandatory=False)
 
+    def _on_confirmed(self, row: OutboxMessage) -> bool:
+        """The broker has a row: a command's deadline starts now. True: we delete the row."""
+        if row.exchange != topology.COMMANDS_EXCHANGE:
+            return False
+        task = asyncio.create_task(self._sent(row, self.now()))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return True
+
+    async def _sent(self, row: OutboxMessage, now: datetime) -> None:
+        assert row.id is not None
+        saga_id, command_id = UUID(row.wire.correlation_id), UUID(row.wire.message_id)
+
+        def decide(state: engine.SagaState | None) -> engine.Decision:
+            if state is None:
+                raise SagaNotFoundError(f"no saga {saga_id}")
+            return engine.on_sent(state, command_id, now)
+
+        # The row is deleted in the same transaction that starts the deadline, so a crash
+        # in between republishes it and starts the deadline on that confirm instead.
+        while True:
+            try:
+                if await self._decide(saga_id, decide, published=(row.id,)):
+                    self._relay.done([row.id])
+                return
+            except Exception as exc:
+                with saga_context(saga_id):
+                    log.warning("could not start the deadline (%s); trying again", exc)
+                await asyncio.sleep(self.settings.connect_retry_s)
+
     async def _decide(
-        self, saga_id: UUID, decide: Callable[[engine.SagaState | None], engine.Decision]
+        self,
+        saga_id: UUID,
+        decide: Callable[[engine.SagaState | None], engine.Decision],
+        published: Sequence[int] = (),
     ) -> str | None:
         """Run the engine on the saga's latest state; return once the result is committed.
 
-        Returns why nothing changed, when the engine ignored the event.
+        Returns why nothing changed, when the engine ignored the event. ``published`` outbox
+        rows are deleted in the same transaction.
         """
-        state = self._uncommitted.get(saga_id) or self.store.get(saga_id)
+        state = self._uncommitted.get(saga_id) or self._load(saga_id)
         decision = decide(state)
         if decision.ignored:
-            log.info("event dropped: %s", decision.ignored)
+            log.debug("event dropped: %s", decision.ignored)
             return decision.ignored
+        if decision.warning:
+            log.warning("%s", decision.warning)
         seen = len(state.history) if state else 0
         for entry in decision.state.history[seen:]:
             log.info("%s: %s %s", entry.step, entry.event, entry.detail, extra={"step": entry.step})
         new = decision.state
         self._uncommitted[saga_id] = new.model_copy(update={"version": new.version + 1})
-        await self._group.submit(decision)
+        await self._group.submit((decision, published))
         metrics.observe(new.history, seen)
         return None
 
-    def _commit(self, decisions: list[engine.Decision]) -> list[Exception | None]:
-        assert self._relay is not None, "decisions come only from consumers run() started"
-        # Deleting published outbox rows here spares them a transaction (an fsync) of their own.
-        published = self._relay.take_confirmed()
-        results: list[Exception | None] = [None] * len(decisions)
+    def _load(self, saga_id: UUID) -> engine.SagaState | None:
         try:
-            self.store.commit_many([(d.state, to_outbox(d)) for d in decisions], published)
+            return self.store.get(saga_id)
+        except UnreadableSagaError as exc:
+            self.store.quarantine(saga_id, str(exc))
+            raise Rejected("unreadable_saga", str(exc)) from exc
+
+    def _commit(self, items: list[tuple[engine.Decision, Sequence[int]]]) -> list[Exception | None]:
+        # Deleting published outbox rows here spares them a transaction (an fsync) of their own.
+        confirmed = self._relay.take_confirmed()
+        results: list[Exception | None] = [None] * len(items)
+        try:
+            self.store.commit_many(
+                [(d.state, to_outbox(d)) for d, _ in items],
+                [*confirmed, *(i for _, ids in items for i in ids)],
+            )
         except Exception:
-            self._relay.give_back(published)
+            self._relay.done(confirmed)
             # One bad decision must not fail its neighbours: commit each on its own.
-            results = [self._commit_one(d) for d in decisions]
+            results = [self._commit_one(d, ids) for d, ids in items]
         finally:
             self._uncommitted.clear()  # committed, or failed and to be redelivered
         self._relay.wake()
         return results
 
-    def _commit_one(self, decision: engine.Decision) -> Exception | None:
+    def _commit_one(self, decision: engine.Decision, published: Sequence[int]) -> Exception | None:
         try:
-            self.store.commit_many([(decision.state, to_outbox(decision))])
+            self.store.commit_many([(decision.state, to_outbox(decision))], published)
         except Exception as exc:
             return exc
         return None
 
     async def _timer(self) -> None:
+        """Fire passed deadlines; an error with one saga never stops the others or the timer."""
         while True:
             await asyncio.sleep(self.settings.tick_s)
             now = self.now()
-            due = self.store.due(now, limit=DUE_BATCH)
+            try:
+                due = self.store.due(now, limit=DUE_BATCH)
+            except Exception:
+                log.exception("reading due sagas failed; trying again next tick")
+                continue
             await asyncio.gather(*(self._expire(state.saga_id, now) for state in due))
 
     async def _expire(self, saga_id: UUID, now: datetime) -> None:
         def decide(state: engine.SagaState | None) -> engine.Decision:
             assert state is not None, "the store listed it as due"
-            return engine.on_deadline(self.definition, state, now)
+            try:
+                return engine.on_deadline(self.definition, state, now)
+            except Exception as exc:
+                # A saga the engine cannot decide would fail again on every tick.
+                self.store.quarantine(saga_id, f"its deadline could not be handled: {exc!r}")
+                raise Rejected("undecidable_saga", repr(exc)) from exc
 
         with saga_context(saga_id):
-            await self._decide(saga_id, decide)
+            try:
+                await self._decide(saga_id, decide)
+            except Rejected as exc:
+                log.error("deadline not handled: %s", exc)
+            except Exception:
+                log.exception("deadline not handled; trying again next tick")
+
+
+async def run_all(coroutines: dict[str, Coroutine[Any, Any, None]]) -> None:
+    """Run these together until one ends or fails; then stop the rest and raise its error."""
+    tasks = [asyncio.create_task(c, name=name) for name, c in coroutines.items()]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()  # raises its error, if it had one
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from messages.settings import ServiceSettings
+from messages.topology import PARTICIPANTS
 
 
 class OrchestratorSettings(ServiceSettings):
@@ -16,10 +17,10 @@ class OrchestratorSettings(ServiceSettings):
         default=5.0, gt=0, description="Deadline of a step's first attempt"
     )
     step_max_attempts: int = Field(
-        default=3, ge=1, description="Sends of a step's command before it counts as failed"
-    )
-    compensation_max_attempts: int = Field(
-        default=10, ge=1, description="Sends of a compensation before the saga is FAILED"
+        default=3,
+        ge=1,
+        description="Sends of a command before the pivot before the saga compensates it; "
+        "the pivot, later steps and compensations are resent until answered",
     )
     retry_backoff: float = Field(
         default=2.0, ge=1.0, description="Each further attempt waits this many times longer"
@@ -27,8 +28,42 @@ class OrchestratorSettings(ServiceSettings):
     max_retry_wait_s: float = Field(
         default=60.0, gt=0, description="Cap on the wait of any one attempt"
     )
+    stuck_after_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A saga waiting this long for one reply is stuck: listed, counted, abortable",
+    )
+    participant_users: str = Field(
+        default="",
+        description="participant=RabbitMQ user,...: accept a participant's replies only from "
+        "its user (e.g. inventory=inventory,payment=payment,order=order); empty: not checked",
+    )
+
+    @field_validator("participant_users")
+    @classmethod
+    def _users(cls, value: str) -> str:
+        parse_users(value)
+        return value
+
+    @property
+    def reply_users(self) -> dict[str, str]:
+        """Participant -> the only RabbitMQ user whose replies count for it."""
+        return parse_users(self.participant_users)
     tick_s: float = Field(default=0.2, gt=0, description="How often deadlines are checked")
 
     @property
     def db_path(self) -> Path:
         return self.data_dir / "orchestrator.db"
+
+
+def parse_users(text: str) -> dict[str, str]:
+    """'inventory=inv,payment=pay' as a dict; raise ValueError naming what is wrong."""
+    users: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, user = (x.strip() for x in item.partition("="))
+        if not sep or not name or not user:
+            raise ValueError(f"expected participant=user, got {item!r}")
+        if name not in PARTICIPANTS:
+            raise ValueError(f"{name!r} is not a participant ({', '.join(PARTICIPANTS)})")
+        users[name] = user
+    return users

@@ -7,18 +7,25 @@ PostgreSQL store for several replicas can implement the same protocol.
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 from uuid import UUID
 
+from pydantic import ValidationError
+
 from messages.codec import Wire
-from messages.errors import ConcurrentUpdateError
+from messages.errors import AlreadyRunningError, ConcurrentUpdateError, UnreadableSagaError
 from messages.models import SagaStatus
 from messages.sqlite import open_sqlite
 from orchestrator.engine import SagaState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,21 @@ class SagaStore(Protocol):
         """
         ...
 
-    def due(self, now: datetime, limit: int) -> list[SagaState]: ...
+    def due(self, now: datetime, limit: int) -> list[SagaState]:
+        """Sagas whose deadline has passed; unreadable ones are quarantined, not returned."""
+        ...
+
+    def quarantine(self, saga_id: UUID, why: str) -> None:
+        """Set a saga aside that cannot be read or decided: QUARANTINED, no deadline."""
+        ...
+
+    def quarantined(self, limit: int) -> list[tuple[str, str, datetime]]:
+        """(saga id, why, when) of quarantined sagas, newest first."""
+        ...
+
+    def stuck(self, now: datetime, after_s: float) -> int:
+        """How many sagas have waited ``after_s`` or longer for one command's reply."""
+        ...
 
     def outbox(self, limit: int, after: int = 0) -> list[OutboxMessage]: ...
 
@@ -125,16 +146,24 @@ class SqliteStore:
     """SagaStore in one SQLite file."""
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self._lock = None if readonly else _lock_exclusively(path)
         self._db = open_sqlite(path, readonly=readonly)
         if not readonly:
             with self._db:
                 self._db.executescript(_SCHEMA)
+                columns = {row[1] for row in self._db.execute("PRAGMA table_info(sagas)")}
+                if "waiting_since" not in columns:  # stores made before "stuck" existed
+                    self._db.execute("ALTER TABLE sagas ADD COLUMN waiting_since REAL")
 
     def get(self, saga_id: UUID) -> SagaState | None:
         row = self._db.execute(
-            "SELECT state FROM sagas WHERE saga_id = ?", (str(saga_id),)
+            "SELECT state, status FROM sagas WHERE saga_id = ?", (str(saga_id),)
         ).fetchone()
-        return None if row is None else SagaState.model_validate_json(row[0])
+        if row is None:
+            return None
+        if row[1] == SagaStatus.QUARANTINED:
+            raise UnreadableSagaError(f"saga {saga_id} is quarantined")
+        return _load(saga_id, row[0])
 
     def commit(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> SagaState:
         self.commit_many([(state, outbox)])
@@ -156,6 +185,7 @@ class SqliteStore:
             stored.status.value,
             stored.reason,
             _ts(stored.deadline),
+            _ts(stored.waiting_since),
             stored.version,
             _ts(stored.updated_at),
             stored.model_dump_json(),
@@ -167,14 +197,14 @@ class SqliteStore:
             ).fetchone():
                 raise ConcurrentUpdateError(f"saga {state.saga_id} already exists")
             self._db.execute(
-                "INSERT INTO sagas (status, reason, deadline, version, updated_at, state,"
-                " saga_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO sagas (status, reason, deadline, waiting_since, version, updated_at,"
+                " state, saga_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (*values, _ts(stored.created_at)),
             )
         else:
             updated = self._db.execute(
-                "UPDATE sagas SET status = ?, reason = ?, deadline = ?, version = ?,"
-                " updated_at = ?, state = ? WHERE saga_id = ? AND version = ?",
+                "UPDATE sagas SET status = ?, reason = ?, deadline = ?, waiting_since = ?,"
+                " version = ?, updated_at = ?, state = ? WHERE saga_id = ? AND version = ?",
                 (*values, state.version),
             ).rowcount
             if updated != 1:
@@ -201,10 +231,38 @@ class SqliteStore:
 
     def due(self, now: datetime, limit: int) -> list[SagaState]:
         rows = self._db.execute(
-            "SELECT state FROM sagas WHERE deadline <= ? ORDER BY deadline LIMIT ?",
+            "SELECT saga_id, state FROM sagas WHERE deadline <= ? ORDER BY deadline LIMIT ?",
             (now.timestamp(), limit),
         ).fetchall()
-        return [SagaState.model_validate_json(row[0]) for row in rows]
+        due = []
+        for saga_id, blob in rows:
+            try:
+                due.append(_load(saga_id, blob))
+            except UnreadableSagaError as exc:
+                self.quarantine(UUID(saga_id), str(exc))
+        return due
+
+    def quarantine(self, saga_id: UUID, why: str) -> None:
+        log.error("saga %s quarantined: %s", saga_id, why, extra={"saga_id": str(saga_id)})
+        with self._db:
+            self._db.execute(
+                "UPDATE sagas SET status = ?, reason = ?, deadline = NULL, waiting_since = NULL"
+                " WHERE saga_id = ?",
+                (SagaStatus.QUARANTINED.value, why[:500], str(saga_id)),
+            )
+
+    def quarantined(self, limit: int) -> list[tuple[str, str, datetime]]:
+        rows = self._db.execute(
+            "SELECT saga_id, reason, updated_at FROM sagas WHERE status = ?"
+            " ORDER BY updated_at DESC LIMIT ?",
+            (SagaStatus.QUARANTINED.value, limit),
+        )
+        return [(i, why, datetime.fromtimestamp(at, UTC)) for i, why, at in rows]
+
+    def stuck(self, now: datetime, after_s: float) -> int:
+        cutoff = now.timestamp() - after_s
+        row = self._db.execute("SELECT count(*) FROM sagas WHERE waiting_since <= ?", (cutoff,))
+        return int(row.fetchone()[0])
 
     def outbox(self, limit: int, after: int = 0) -> list[OutboxMessage]:
         rows = self._db.execute(
@@ -249,11 +307,14 @@ class SqliteStore:
         if since is not None:
             where.append("created_at >= ?")
             args.append(since.timestamp())
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        where.append("status != ?")  # quarantined ones cannot be read: see quarantined()
+        args.append(SagaStatus.QUARANTINED.value)
+        clause = f" WHERE {' AND '.join(where)}"
         rows = self._db.execute(
-            f"SELECT state FROM sagas{clause} ORDER BY created_at DESC LIMIT ?", (*args, limit)
+            f"SELECT saga_id, state FROM sagas{clause} ORDER BY created_at DESC LIMIT ?",
+            (*args, limit),
         )
-        return [SagaState.model_validate_json(row[0]) for row in rows]
+        return [_load(saga_id, blob) for saga_id, blob in rows]
 
     def counts(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT status, count(*) FROM sagas GROUP BY status"))
@@ -284,8 +345,39 @@ class SqliteStore:
             by_status=by_status,
             by_outcome=by_outcome,
             durations_s=durations,
-            oldest_running=None if oldest is None else SagaState.model_validate_json(oldest[0]),
+            oldest_running=None if oldest is None else _load("oldest running", oldest[0]),
         )
 
     def close(self) -> None:
         self._db.close()
+        if self._lock is not None:
+            os.close(self._lock)
+
+
+def _load(saga_id: object, blob: str | bytes) -> SagaState:
+    try:
+        return SagaState.model_validate_json(blob)
+    except ValidationError as exc:
+        raise UnreadableSagaError(
+            f"saga {saga_id} cannot be read: {exc.error_count()} problem(s), first: "
+            f"{exc.errors()[0]['msg']} at {'.'.join(map(str, exc.errors()[0]['loc']))}"
+        ) from exc
+
+
+def _lock_exclusively(path: Path) -> int:
+    """Hold a lock beside the store for the life of the process: one writer per store."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise AlreadyRunningError(
+            f"another orchestrator (pid {holder}) is using the store {path}: "
+            "one orchestrator per store; stop it first"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sqlite3
 import sys
@@ -13,7 +12,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
-from messages import amqp, logs
+from messages import logs
 from messages.errors import ConfigurationError, SagaError
 from messages.metrics import serve as serve_metrics
 from messages.models import parse_money
@@ -134,19 +133,12 @@ async def _run(settings: WorkerSettings, args: argparse.Namespace) -> None:
     if "order" in dbs:
         order.seed(dbs["order"], args.block)
     serve_metrics(settings.metrics_port)
-    connection = await amqp.connect(settings, f"workers:{args.participant}")
     try:
-        async with connection:
-            faults = Faults.from_settings(settings)
-            await serve([participants[n] for n in names], dbs, connection, settings, faults)
-            await _forever()
+        faults = Faults.from_settings(settings)
+        await serve([participants[n] for n in names], dbs, settings, args.participant, faults)
     finally:
         for db in dbs.values():
             db.close()
-
-
-async def _forever() -> None:
-    await asyncio.Event().wait()
 
 
 def _stock(settings: WorkerSettings, as_json: bool) -> int:

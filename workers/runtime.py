@@ -7,6 +7,7 @@ a redelivered command gets the original reply back and has no second effect.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import sqlite3
@@ -18,17 +19,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Histogram
+from yarl import URL
 
 from messages import amqp, topology, tracing
 from messages.amqp import Exchanges
 from messages.batching import GroupCommit
 from messages.codec import decode
 from messages.errors import Rejected
+from messages.health import Health
 from messages.logs import saga_context
 from messages.models import AnyMessage, Command, CommandFailed, CommandSucceeded, Reply
-from messages.settings import BrokerSettings
+from messages.settings import BrokerSettings, ServiceSettings
 from workers.faults import Faults
 
 log = logging.getLogger(__name__)
@@ -195,29 +198,52 @@ def _reply(participant: str, command: Command, outcome: Outcome) -> Reply:
 async def serve(
     participants: list[Participant],
     dbs: Mapping[str, sqlite3.Connection],
-    connection: AbstractRobustConnection,
-    settings: BrokerSettings,
+    settings: ServiceSettings,
+    health_name: str,
     faults: Faults | None = None,
 ) -> None:
-    """Consume each participant's command queue on its own channel; reply with confirms."""
+    """Consume each participant's command queue on its own channel; reply with confirms.
+
+    Runs until cancelled, starting over on a new connection whenever it loses one; raises
+    BrokerUnavailableError when the broker stays away longer than SAGA_BROKER_GIVE_UP_S.
+    """
     faults = faults or Faults()
     if faults.enabled:
         log.warning("fault injection is ON: %s", faults)
-    publish_channel = await connection.channel(publisher_confirms=True)
-    exchanges = await amqp.declare_topology(publish_channel, settings.declare_topology)
-    for participant in participants:
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=settings.prefetch)
-        handler = _on_command(participant, dbs[participant.name], exchanges, faults)
-        queue = topology.command_queue(participant.name)
-        await amqp.consume(channel, queue, exchanges, handler, settings)
-        log.info(
-            "%s ready: consuming %s on %s", participant.name, queue, amqp.redact(settings.amqp_url)
-        )
+    # Replies carry our login as user_id (RabbitMQ checks it), so the orchestrator can tell
+    # which service sent them.
+    login = URL(settings.amqp_url).user or "guest"
+
+    async def setup(session: amqp.Session) -> None:
+        publish_channel = await session.channel(confirms=True)
+        exchanges = await amqp.declare_topology(publish_channel, settings.declare_topology)
+        for participant in participants:
+            channel = await session.channel(prefetch=settings.prefetch)
+            db = dbs[participant.name]
+            handler = _on_command(participant, db, exchanges, faults, login, settings)
+            queue = topology.command_queue(participant.name)
+            await session.consume(channel, queue, exchanges, handler, settings)
+            url = amqp.redact(settings.amqp_url)
+            log.info("%s ready: consuming %s on %s", participant.name, queue, url)
+
+    queues = [topology.command_queue(p.name) for p in participants]
+    health = Health(settings.data_dir / f"{health_name}.health", queues)
+    connected = amqp.run_connected(settings, f"workers:{health_name}", setup, health)
+    health_task = asyncio.create_task(health.run())
+    try:
+        await connected
+    finally:
+        health_task.cancel()
+        await asyncio.gather(health_task, return_exceptions=True)
 
 
 def _on_command(
-    participant: Participant, db: sqlite3.Connection, exchanges: Exchanges, faults: Faults
+    participant: Participant,
+    db: sqlite3.Connection,
+    exchanges: Exchanges,
+    faults: Faults,
+    login: str,
+    settings: BrokerSettings,
 ) -> amqp.Handler:
     group: GroupCommit[Command, Handled] = GroupCommit(
         functools.partial(apply_batch, participant, db)
@@ -232,7 +258,12 @@ def _on_command(
 
         async def reply() -> None:
             await amqp.publish(
-                exchanges.replies, handled.reply, topology.REPLY_ROUTING_KEY, headers=headers
+                exchanges.replies,
+                handled.reply,
+                topology.REPLY_ROUTING_KEY,
+                headers=headers,
+                user_id=login,
+                timeout=settings.publish_timeout_s,
             )
 
         # Not acked until the reply is confirmed: a crash here means a redelivery, which
