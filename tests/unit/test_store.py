@@ -5,6 +5,8 @@ States come from the real engine so that what is stored is what the orchestrator
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -14,7 +16,12 @@ from uuid import UUID, uuid4
 import pytest
 
 from messages.codec import encode
-from messages.errors import ConcurrentUpdateError, SagaError
+from messages.errors import (
+    AlreadyRunningError,
+    ConcurrentUpdateError,
+    SagaError,
+    UnreadableSagaError,
+)
 from messages.models import (
     CommandFailed,
     CommandSucceeded,
@@ -22,14 +29,22 @@ from messages.models import (
     PlaceOrder,
     SagaStatus,
 )
-from orchestrator.definition import RetryPolicy, order_saga
-from orchestrator.engine import Decision, PublishResult, SagaState, SendCommand, on_reply, start
+from orchestrator.definition import order_saga
+from orchestrator.engine import (
+    Decision,
+    PublishResult,
+    SagaState,
+    SendCommand,
+    on_reply,
+    on_sent,
+    start,
+)
 from orchestrator.store import OutboxMessage, SqliteStore
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 TIMEOUT_S = 10.0
 TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-SAGA = order_saga(RetryPolicy(TIMEOUT_S, 3), RetryPolicy(5.0, 2))
+SAGA = order_saga(TIMEOUT_S, 3)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -58,9 +73,18 @@ def place_order(saga_id: UUID | None = None) -> PlaceOrder:
     )
 
 
+def confirmed(decision: Decision, at: datetime) -> Decision:
+    """``decision`` once the broker confirmed the command it sends, if any: its deadline runs."""
+    commands = [out for out in decision.outbox if isinstance(out, SendCommand)]
+    if not commands:
+        return decision
+    confirm = on_sent(decision.state, commands[0].command.message_id, at)
+    return Decision(confirm.state, decision.outbox)
+
+
 def started(at: datetime = T0, saga_id: UUID | None = None) -> Decision:
     """A new saga, as the engine starts it: RUNNING, ReserveStock pending until at + timeout."""
-    return start(SAGA, place_order(saga_id), "amq.gen-reply", at)
+    return confirmed(start(SAGA, place_order(saga_id), "amq.gen-reply", at), at)
 
 
 def outbox_of(decision: Decision) -> list[OutboxMessage]:
@@ -94,7 +118,7 @@ def answer(decision: Decision, ok: bool, at: datetime) -> Decision:
         "participant": out.participant,
     }
     reply = CommandSucceeded(**fields) if ok else CommandFailed(**fields, reason="no")
-    return on_reply(SAGA, decision.state, reply, at)
+    return confirmed(on_reply(SAGA, decision.state, reply, at), at)
 
 
 def without_ids(rows: list[OutboxMessage]) -> list[OutboxMessage]:
@@ -248,6 +272,116 @@ def test_due_returns_only_sagas_whose_deadline_has_passed(store: SqliteStore) ->
     assert due_at(3600, limit=1) == [early.saga_id]
 
 
+def test_a_saga_whose_command_the_broker_has_not_confirmed_is_never_due(
+    store: SqliteStore,
+) -> None:
+    # Given a saga committed while the broker is down: ReserveStock waits in the outbox
+    decision = start(SAGA, place_order(), "amq.gen-reply", T0)
+    stored = store.commit(decision.state, outbox_of(decision))
+
+    # Then an hour of outage times nothing out
+    assert store.due(T0 + timedelta(hours=1), 10) == []
+
+    # When the broker confirms the command, its wait starts there
+    back = confirmed(decision, T0 + timedelta(hours=1))
+    commit_advanced(store, stored, back)
+    assert store.due(T0 + timedelta(hours=1, seconds=TIMEOUT_S - 1), 10) == []
+    assert len(store.due(T0 + timedelta(hours=1, seconds=TIMEOUT_S), 10)) == 1
+
+
+# --- stuck sagas -----------------------------------------------------------------------------
+
+
+def test_stuck_counts_the_sagas_that_have_waited_that_long(store: SqliteStore) -> None:
+    # Given a saga waiting since T0, one since 200 s in, and one that finished at once
+    store.commit(started(T0).state, [])
+    store.commit(started(T0 + timedelta(seconds=200)).state, [])
+    store.commit(answer(started(T0), ok=False, at=T0 + timedelta(seconds=1)).state, [])
+
+    def stuck_at(seconds: float) -> int:
+        return store.stuck(T0 + timedelta(seconds=seconds), after_s=300)
+
+    assert stuck_at(299) == 0
+    assert stuck_at(300) == 1
+    assert stuck_at(500) == 2
+    assert stuck_at(86_400) == 2  # a finished saga waits for nothing
+
+
+# --- sagas that cannot be read ---------------------------------------------------------------
+
+
+def corrupt(db_path: Path, saga_id: UUID, blob: str = '{"saga_id": "half a row') -> None:
+    """Damage a stored saga behind the store's back."""
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE sagas SET state = ? WHERE saga_id = ?", (blob, str(saga_id)))
+    db.close()
+
+
+def test_an_unreadable_saga_is_quarantined_and_the_others_go_on(
+    store: SqliteStore, db_path: Path
+) -> None:
+    # Given two running sagas past their deadline, one of them damaged
+    good = store.commit(started(T0).state, [])
+    bad = store.commit(started(T0).state, [])
+    corrupt(db_path, bad.saga_id)
+    later = T0 + timedelta(hours=1)
+
+    # When the timer asks for what is due
+    due = store.due(later, 10)
+
+    # Then it gets the good one, and the damaged one is set aside where an operator finds it
+    assert [s.saga_id for s in due] == [good.saga_id]
+    ((saga_id, why, when),) = store.quarantined(10)
+    assert saga_id == str(bad.saga_id)
+    assert "cannot be read" in why
+    assert when.tzinfo is not None
+    assert store.counts()[SagaStatus.QUARANTINED] == 1
+    # and it is not handed out again, listed as a saga, or counted as stuck
+    assert [s.saga_id for s in store.due(later, 10)] == [good.saga_id]
+    assert [s.saga_id for s in store.sagas(None, 10)] == [good.saga_id]
+    assert store.stuck(later, after_s=300) == 1
+    with pytest.raises(UnreadableSagaError, match=str(bad.saga_id)):
+        store.get(bad.saga_id)
+
+
+def test_a_saga_of_an_unknown_shape_is_quarantined_too(store: SqliteStore, db_path: Path) -> None:
+    bad = store.commit(started(T0).state, [])
+    corrupt(db_path, bad.saga_id, json.dumps({"saga_id": str(bad.saga_id), "status": "BOGUS"}))
+
+    assert store.due(T0 + timedelta(hours=1), 10) == []
+
+    assert [row[0] for row in store.quarantined(10)] == [str(bad.saga_id)]
+
+
+# --- one orchestrator per store --------------------------------------------------------------
+
+
+def test_a_second_orchestrator_on_the_same_store_is_refused(
+    store: SqliteStore, db_path: Path
+) -> None:
+    stored = store.commit(started().state, [])
+
+    with pytest.raises(AlreadyRunningError, match="another orchestrator") as refused:
+        SqliteStore(db_path)
+
+    assert str(db_path) in str(refused.value)
+    # the first one is unharmed, and reading alongside it (saga list, stats) still works
+    assert store.get(stored.saga_id) == stored
+    reader = SqliteStore(db_path, readonly=True)
+    try:
+        assert reader.get(stored.saga_id) == stored
+    finally:
+        reader.close()
+
+
+def test_the_store_is_free_again_once_its_orchestrator_closes_it(db_path: Path) -> None:
+    SqliteStore(db_path).close()
+
+    again = SqliteStore(db_path)
+
+    again.close()
+
+
 # --- durability ------------------------------------------------------------------------------
 
 
@@ -317,3 +451,53 @@ def test_sagas_lists_newest_first_and_filters_by_status(store: SqliteStore) -> N
     ]
     assert [s.saga_id for s in store.sagas(SagaStatus.COMPENSATED, 10)] == [compensated.saga_id]
     assert len(store.sagas(None, 2)) == 2
+
+
+# The sagas table as the previous version created it: no waiting_since column.
+_OLD_SAGAS_TABLE = """
+CREATE TABLE sagas (
+    saga_id TEXT PRIMARY KEY, status TEXT NOT NULL, reason TEXT, deadline REAL,
+    version INTEGER NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    state TEXT NOT NULL
+)
+"""
+
+
+def test_a_store_written_by_the_previous_version_opens_and_its_sagas_load(db_path: Path) -> None:
+    # Given a store of the previous version, holding a saga with its retired fields
+    state = started().state
+    old = state.model_dump(mode="json", exclude={"watchers", "wait_s", "waiting_since"})
+    old |= {"generation": 1, "failed_compensations": [], "version": 3}
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as db:
+        db.execute(_OLD_SAGAS_TABLE)
+        db.execute(
+            "INSERT INTO sagas VALUES (?, 'RUNNING', NULL, ?, 3, ?, ?, ?)",
+            (
+                str(state.saga_id),
+                T0.timestamp() + TIMEOUT_S,
+                T0.timestamp(),
+                T0.timestamp(),
+                json.dumps(old),
+            ),
+        )
+    db.close()
+
+    # When this version opens it
+    store = SqliteStore(db_path)
+    try:
+        # Then the saga loads, is due as before, and carries on
+        loaded = store.get(state.saga_id)
+        assert loaded is not None
+        assert (loaded.pending, loaded.history, loaded.version) == (
+            state.pending,
+            state.history,
+            3,
+        )
+        assert [s.saga_id for s in store.due(T0 + timedelta(hours=1), 10)] == [state.saga_id]
+        assert store.stuck(T0 + timedelta(days=1), after_s=300) == 0
+        new = store.commit(started().state, [])
+        assert store.stuck(T0 + timedelta(days=1), after_s=300) == 1
+        assert new.version == 1
+    finally:
+        store.close()
