@@ -220,15 +220,10 @@ class OperatorAction(Envelope):
 
 
 class AbortSaga(OperatorAction):
-    """Compensate a RUNNING saga now."""
+    """Stop a saga: compensate it before its pivot; end it FAILED when stuck past it."""
 
     type: Literal["AbortSaga"] = "AbortSaga"
 
-
-class RetrySaga(OperatorAction):
-    """Re-drive a FAILED saga from where it stopped."""
-
-    type: Literal["RetrySaga"] = "RetrySaga"
 
 
 class ActionRefused(Envelope):
@@ -291,7 +286,6 @@ AnyMessage = Annotated[
     | CommandSucceeded
     | CommandFailed
     | AbortSaga
-    | RetrySaga
     | ActionRefused
     | SagaFinished,
     Field(discriminator="type"),
@@ -309,7 +303,6 @@ MESSAGE_TYPES: dict[str, type[Envelope]] = {
         CommandSucceeded,
         CommandFailed,
         AbortSaga,
-        RetrySaga,
         ActionRefused,
         SagaFinished,
     )

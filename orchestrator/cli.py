@@ -18,14 +18,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from messages import logs
+from messages import health, logs
 from messages.client import Client
 from messages.errors import SagaError, SagaNotFoundError
 from messages.models import (
     AbortSaga,
     ActionRefused,
     AnyMessage,
-    RetrySaga,
     SagaFinished,
     SagaStatus,
 )
@@ -65,10 +64,13 @@ def _positive(text: str) -> int:
 
 
 def build_parser(prog: str = "saga") -> argparse.ArgumentParser:
-    """The command line: run, list, show, stats, retry and abort."""
+    """The command line: run, health, provision, list, show, stats and abort."""
     parser = argparse.ArgumentParser(prog=prog, description="The order saga orchestrator.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="consume requests and replies until interrupted")
+    sub.add_parser(
+        "health", help="exit 0 if the orchestrator is connected and consuming, else 1 and why"
+    )
     sub.add_parser(
         "provision", help="create one RabbitMQ user per service and declare the topology"
     )
@@ -79,6 +81,11 @@ def build_parser(prog: str = "saga") -> argparse.ArgumentParser:
         type=_state,
         metavar="STATE",
         help="only sagas in this state: " + ", ".join(s.value for s in SagaStatus),
+    )
+    listing.add_argument(
+        "--stuck",
+        action="store_true",
+        help="only sagas waiting SAGA_STUCK_AFTER_S or longer for one reply",
     )
     listing.add_argument("--since", type=_duration, help="only sagas started within, e.g. 10m")
     listing.add_argument(
@@ -93,17 +100,16 @@ def build_parser(prog: str = "saga") -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="counts by state and outcome, durations")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
 
-    for name, text in (
-        ("retry", "re-drive a FAILED saga from where it stopped"),
-        ("abort", "compensate a RUNNING saga now"),
-    ):
-        action = sub.add_parser(name, help=text)
-        action.add_argument("saga_id", type=UUID)
-        action.add_argument("--reason", required=True, help="why; kept in the saga's history")
-        action.add_argument(
-            "--timeout", type=float, default=30.0, help="seconds to wait for the saga to end"
-        )
-        action.add_argument("--json", action="store_true", help="machine-readable output")
+    action = sub.add_parser(
+        "abort",
+        help="compensate a saga before its pivot now; end a stuck one past it as FAILED",
+    )
+    action.add_argument("saga_id", type=UUID)
+    action.add_argument("--reason", required=True, help="why; kept in the saga's history")
+    action.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for the saga to end"
+    )
+    action.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -117,11 +123,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "saga") -> int:
         logs.configure(settings.log_level, settings.log_format)
         if args.command == "run":
             return _run(settings)
-        if args.command in ("retry", "abort"):
+        if args.command == "health":
+            return _health(settings)
+        if args.command == "abort":
             return _steer(settings, args)
         store = SqliteStore(settings.db_path, readonly=True)
         try:
-            return {"list": _list, "show": _show, "stats": _stats}[args.command](store, args)
+            if args.command == "show":
+                return _show(store, args)
+            command = {"list": _list, "stats": _stats}[args.command]
+            return command(store, args, settings.stuck_after_s)
         finally:
             store.close()
     except SagaError as exc:
@@ -145,6 +156,12 @@ def _provision() -> int:
     return 0
 
 
+def _health(settings: OrchestratorSettings) -> int:
+    problem = health.check(settings.data_dir / "orchestrator.health")
+    print(f"orchestrator: {problem or 'healthy: connected and consuming'}")
+    return 1 if problem else 0
+
+
 def _run(settings: OrchestratorSettings) -> int:
     store = SqliteStore(settings.db_path)
     try:
@@ -162,20 +179,25 @@ def _current_step(state: SagaState) -> str:
 
 
 def _age(state: SagaState, now: datetime) -> str:
-    seconds = (now - state.created_at).total_seconds()
+    return _seconds((now - state.created_at).total_seconds())
+
+
+def _seconds(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds / size:.0f}{unit}"
     return f"{seconds:.0f}s"
 
 
-def _summary(state: SagaState) -> dict[str, object]:
+def _summary(state: SagaState, now: datetime, stuck_after_s: float) -> dict[str, object]:
     order = state.request
+    stuck_for = state.stuck_for(now, stuck_after_s)
     return {
         "saga_id": str(state.saga_id),
         "status": state.status.value,
         "step": _current_step(state),
         "reason": state.outcome,
+        "stuck_for_s": None if stuck_for is None else round(stuck_for, 1),
         "customer_id": order.customer_id,
         "sku": order.sku,
         "quantity": order.quantity,
@@ -186,22 +208,45 @@ def _summary(state: SagaState) -> dict[str, object]:
     }
 
 
-def _list(store: SqliteStore, args: argparse.Namespace) -> int:
+def _list(store: SqliteStore, args: argparse.Namespace, stuck_after_s: float) -> int:
+    if args.state is SagaStatus.QUARANTINED:
+        return _list_quarantined(store, args)
     now = datetime.now(UTC)
     since = now - args.since if args.since else None
     sagas = store.sagas(args.state, args.limit, since)
+    if args.stuck:
+        sagas = [s for s in sagas if s.stuck_for(now, stuck_after_s) is not None]
     if args.json:
-        print(json.dumps([_summary(s) for s in sagas], indent=2))
+        print(json.dumps([_summary(s, now, stuck_after_s) for s in sagas], indent=2))
         return 0
     if not sagas:
         print("no sagas")
         return 0
-    print(f"{'SAGA ID':<36}  {'STATE':<12}  {'STEP':<15}  {'AGE':>5}  LAST ERROR")
+    print(f"{'SAGA ID':<36}  {'STATE':<12}  {'STEP':<15}  {'AGE':>5}  {'STUCK':>5}  LAST ERROR")
     for s in sagas:
+        stuck_for = s.stuck_for(now, stuck_after_s)
+        stuck = "-" if stuck_for is None else _seconds(stuck_for)
         print(
             f"{s.saga_id!s:<36}  {s.status:<12}  {_current_step(s):<15}  {_age(s, now):>5}  "
-            f"{s.outcome or ''}"
+            f"{stuck:>5}  {s.outcome or ''}"
         )
+    return 0
+
+
+def _list_quarantined(store: SqliteStore, args: argparse.Namespace) -> int:
+    """Sagas the orchestrator set aside because it could not read or decide them."""
+    rows = store.quarantined(args.limit)
+    if args.json:
+        report = [
+            {"saga_id": i, "status": "QUARANTINED", "reason": why, "updated_at": at.isoformat()}
+            for i, why, at in rows
+        ]
+        print(json.dumps(report, indent=2))
+        return 0
+    if not rows:
+        print("no quarantined sagas")
+    for saga_id, why, at in rows:
+        print(f"{saga_id}  QUARANTINED  {at:%Y-%m-%d %H:%M:%S}  {why}")
     return 0
 
 
@@ -228,8 +273,9 @@ def _show(store: SqliteStore, args: argparse.Namespace) -> int:
 _IN_FLIGHT = (SagaStatus.RUNNING, SagaStatus.COMPENSATING)  # what stats.oldest_running covers
 
 
-def _stats(store: SqliteStore, args: argparse.Namespace) -> int:
+def _stats(store: SqliteStore, args: argparse.Namespace, stuck_after_s: float) -> int:
     stats = store.stats()
+    stuck = store.stuck(datetime.now(UTC), stuck_after_s)
     durations = stats.durations_s
     mean = sum(durations) / len(durations) if durations else None
     p99 = durations[min(len(durations) - 1, int(0.99 * len(durations)))] if durations else None
@@ -240,6 +286,7 @@ def _stats(store: SqliteStore, args: argparse.Namespace) -> int:
         "by_state": {s.value: stats.by_status.get(s.value, 0) for s in SagaStatus},
         "by_outcome": stats.by_outcome,
         "finished": len(durations),
+        "stuck": stuck,
         "duration_mean_ms": None if mean is None else round(mean * 1000, 1),
         "duration_p99_ms": None if p99 is None else round(p99 * 1000, 1),
         "oldest_running": None
@@ -260,6 +307,8 @@ def _stats(store: SqliteStore, args: argparse.Namespace) -> int:
     print("by outcome: " + (", ".join(f"{k}: {v}" for k, v in stats.by_outcome.items()) or "-"))
     if mean is not None and p99 is not None:
         print(f"duration:   mean {mean * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
+    if stuck:
+        print(f"stuck:      {stuck} (waiting {stuck_after_s:g}s or longer: saga list --stuck)")
     if oldest is not None:
         age = _age(oldest, datetime.now(UTC))
         print(f"oldest in flight: {oldest.saga_id}, {oldest.status}, {age} old")
@@ -271,8 +320,7 @@ def _stats(store: SqliteStore, args: argparse.Namespace) -> int:
 
 def _steer(settings: OrchestratorSettings, args: argparse.Namespace) -> int:
     who = f"{getpass.getuser()}@{socket.gethostname()}"
-    kind = RetrySaga if args.command == "retry" else AbortSaga
-    action = kind(saga_id=args.saga_id, reason=args.reason, requested_by=who)
+    action = AbortSaga(saga_id=args.saga_id, reason=args.reason, requested_by=who)
 
     def about_this_saga(message: AnyMessage) -> bool:
         return isinstance(message, SagaFinished | ActionRefused) and message.saga_id == args.saga_id

@@ -220,7 +220,8 @@ def on_deadline(definition: SagaDefinition, state: SagaState, now: datetime) -> 
         state = _record(state, now, step.name, "timed_out", f"{command} attempt {state.attempt}")
     if policy.max_attempts is None or state.attempt < policy.max_attempts:
         decision = _send(definition, state, state.step, state.attempt + 1, now)
-        if policy.capped(state.attempt + 1) and not policy.capped(state.attempt):
+        resent_forever = policy.max_attempts is None
+        if resent_forever and policy.capped(state.attempt + 1) and not policy.capped(state.attempt):
             warning = (
                 f"{command} unanswered after {state.attempt} attempts; resending every "
                 f"{policy.max_wait_s:g}s until {step.participant} answers"
@@ -261,15 +262,12 @@ def on_abort(
     state = _record(state, now, SAGA, "abort_requested", f"by {by}: {reason}")
     if state.status is SagaStatus.RUNNING:
         detail = f"aborted: {reason}; {command} unanswered, its effect is unknown"
-    else:
-        left = [command] + [
-            _command_type(definition, i, True).__name__ for i in state.to_compensate
-        ]
-        detail = f"aborted: {reason}; not compensated: {', '.join(left)}"
-        state = state.model_copy(update={"unanswered": ()})
-        detail = "; then ".join([state.reason or "compensation", detail])
+        return _finish(state, SagaStatus.FAILED, now, detail, keep_pending=True)
+    left = [command] + [_command_type(definition, i, True).__name__ for i in state.to_compensate]
+    why = f"aborted: {reason}; not compensated: {', '.join(left)}"
+    state = state.model_copy(update={"unanswered": (*state.unanswered, why)})
     # Pending stays set, so a late answer to it is still recorded in the history.
-    return _finish(state, SagaStatus.FAILED, now, detail, keep_pending=True)
+    return _finish(state, SagaStatus.FAILED, now, state.reason, keep_pending=True)
 
 
 def result(state: SagaState) -> SagaFinished:

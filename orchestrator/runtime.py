@@ -288,8 +288,7 @@ class Orchestrator:
     def _load(self, saga_id: UUID) -> engine.SagaState | None:
         try:
             return self.store.get(saga_id)
-        except UnreadableSagaError as exc:
-            self.store.quarantine(saga_id, str(exc))
+        except UnreadableSagaError as exc:  # the store has quarantined it
             raise Rejected("unreadable_saga", str(exc)) from exc
 
     def _commit(self, items: list[tuple[engine.Decision, Sequence[int]]]) -> list[Exception | None]:

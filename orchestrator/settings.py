@@ -28,6 +28,7 @@ class OrchestratorSettings(ServiceSettings):
     max_retry_wait_s: float = Field(
         default=60.0, gt=0, description="Cap on the wait of any one attempt"
     )
+    tick_s: float = Field(default=0.2, gt=0, description="How often deadlines are checked")
     stuck_after_s: float = Field(
         default=300.0,
         gt=0,
@@ -49,7 +50,6 @@ class OrchestratorSettings(ServiceSettings):
     def reply_users(self) -> dict[str, str]:
         """Participant -> the only RabbitMQ user whose replies count for it."""
         return parse_users(self.participant_users)
-    tick_s: float = Field(default=0.2, gt=0, description="How often deadlines are checked")
 
     @property
     def db_path(self) -> Path:

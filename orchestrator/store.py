@@ -163,7 +163,12 @@ class SqliteStore:
             return None
         if row[1] == SagaStatus.QUARANTINED:
             raise UnreadableSagaError(f"saga {saga_id} is quarantined")
-        return _load(saga_id, row[0])
+        try:
+            return _load(saga_id, row[0])
+        except UnreadableSagaError as exc:
+            if self._lock is not None:  # only the writer quarantines; readers just report
+                self.quarantine(saga_id, str(exc))
+            raise
 
     def commit(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> SagaState:
         self.commit_many([(state, outbox)])

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
-from messages import logs
+from messages import health, logs
 from messages.errors import ConfigurationError, SagaError
 from messages.metrics import serve as serve_metrics
 from messages.models import parse_money
@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CUSTOMER,...",
         help="order: customers whose orders are refused",
     )
+    check = sub.add_parser(
+        "health", help="exit 0 if the participant process is connected and consuming, else 1"
+    )
+    check.add_argument("participant", choices=(*NAMES, "all"), help="as given to `run`")
     stock = sub.add_parser("stock", help="print current stock per SKU")
     stock.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -160,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure(settings.log_level, settings.log_format)
         if args.command == "stock":
             return _stock(settings, args.json)
+        if args.command == "health":
+            problem = health.check(settings.data_dir / f"{args.participant}.health")
+            print(f"{args.participant}: {problem or 'healthy: connected and consuming'}")
+            return 1 if problem else 0
         _check_options(args)
         return run_service(_run(settings, args))
     except SagaError as exc:

@@ -28,11 +28,13 @@ from messages.models import Envelope
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 20.0
-# Settings that make a silent participant time out, and its compensation give up, in ~2 s.
+# Settings that make a silent participant time out in ~1 s, resends of the pivot and of
+# compensations reach their longest wait (1 s) quickly, and a saga count as stuck after 2 s.
 FAST_TIMEOUTS = {
     "SAGA_STEP_TIMEOUT_S": "0.3",
     "SAGA_STEP_MAX_ATTEMPTS": "2",
-    "SAGA_COMPENSATION_MAX_ATTEMPTS": "2",
+    "SAGA_MAX_RETRY_WAIT_S": "1",
+    "SAGA_STUCK_AFTER_S": "2",
     "SAGA_TICK_S": "0.05",
 }
 

@@ -48,7 +48,6 @@ from messages.models import (
     RefundPayment,
     ReleaseStock,
     ReserveStock,
-    RetrySaga,
     SagaFinished,
     SagaStatus,
 )
@@ -104,7 +103,6 @@ SAMPLES: dict[str, Callable[[], Envelope]] = {
     "CommandSucceeded": lambda: _reply(CommandSucceeded),
     "CommandFailed": lambda: _reply(CommandFailed),
     "AbortSaga": lambda: AbortSaga(saga_id=uuid.uuid4(), reason="hostile", requested_by="m@x"),
-    "RetrySaga": lambda: RetrySaga(saga_id=uuid.uuid4(), reason="hostile", requested_by="m@x"),
     "ActionRefused": lambda: ActionRefused(saga_id=uuid.uuid4(), action="AbortSaga", detail="no"),
     "SagaFinished": lambda: SagaFinished(saga_id=uuid.uuid4(), status=SagaStatus.COMPLETED),
 }
@@ -112,7 +110,7 @@ assert SAMPLES.keys() == MESSAGE_TYPES.keys()
 
 # The types each queue's consumer takes; every other type is unexpected there.
 ACCEPTED: dict[str, tuple[str, ...]] = {
-    topology.REQUESTS_QUEUE: ("PlaceOrder", "AbortSaga", "RetrySaga"),
+    topology.REQUESTS_QUEUE: ("PlaceOrder", "AbortSaga"),
     topology.REPLIES_QUEUE: ("CommandSucceeded", "CommandFailed"),
     topology.command_queue("inventory"): ("ReserveStock", "ReleaseStock"),
     topology.command_queue("payment"): ("ChargePayment", "RefundPayment"),
@@ -298,9 +296,10 @@ def _replies_for_unknown_sagas() -> Iterator[Hostile]:
             body = reply.model_dump_json().encode()
             name = f"{kind.__name__} to {command} of an unknown saga"
             yield Hostile(name, body, "unknown_saga", type=reply.type)
+    # A reply to no step of the saga is refused before anything is looked up.
     odd = _reply(CommandFailed, command_type="LaunchRockets", participant="mallory", reason="x")
     yield Hostile(
-        "odd CommandFailed of an unknown saga", odd.model_dump_json().encode(), "unknown_saga"
+        "odd CommandFailed of an unknown saga", odd.model_dump_json().encode(), "unexpected_reply"
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.stack import FAST_TIMEOUTS, ROOT, Stack
+from tests.integration.stack import ROOT, Stack
 from tests.integration.test_saga_flows import ORDER, sent
 
 pytestmark = pytest.mark.broker
@@ -133,32 +133,7 @@ def test_abort_compensates_a_running_saga_and_records_why(stack: Stack) -> None:
     # And a finished saga cannot be aborted
     again = saga_cli(stack, "abort", saga_id, "--reason", "twice")
     assert again.returncode == 2
-    assert "only a RUNNING saga can be aborted; it is COMPENSATED" in again.stderr
-
-
-def test_retry_re_drives_a_failed_saga(stack: Stack) -> None:
-    # Given a saga FAILED because payment never answered its refund
-    stack.worker("inventory", "--stock", "item-1=10")
-    stack.worker("order")
-    stack.orchestrator(**FAST_TIMEOUTS)
-    code, failed = stack.place_order(*ORDER, "--amount", "25.00")
-    assert code == 2 and failed["status"] == "FAILED", failed
-
-    # When payment is back and an operator retries
-    stack.worker("payment")
-    retried = saga_cli(stack, "retry", failed["saga_id"], "--reason", "payment is back", "--json")
-
-    # Then the refund is sent again and the saga ends COMPENSATED
-    assert retried.returncode == 0, retried.stderr
-    result = json.loads(retried.stdout)
-    assert result["status"] == "COMPENSATED"
-    events = [e["event"] for e in result["history"]]
-    assert events[events.index("failed") + 1] == "retry_requested"
-    assert stack.query("payment", "SELECT status FROM charges") == [("refunded",)]
-    assert stack.stock("item-1") == 10
-
-    refused = saga_cli(stack, "retry", failed["saga_id"], "--reason", "again")
-    assert "only a FAILED saga can be retried" in refused.stderr
+    assert "saga is already COMPENSATED" in again.stderr
 
 
 def test_metrics_count_what_happened(stack: Stack) -> None:
@@ -240,7 +215,7 @@ def test_place_order_count_places_many_and_summarises(stack: Stack) -> None:
         timeout=120,
     )
 
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # some were compensated
     summary = json.loads(done.stdout)
     assert summary["outcomes"] == {"COMPLETED": 4, "COMPENSATED": 2}  # 4 in stock
     assert summary["finished"] == 6

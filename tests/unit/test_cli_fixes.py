@@ -110,7 +110,10 @@ def run_readonly(data_dir: Path, *argv: str) -> subprocess.CompletedProcess[str]
     if os.geteuid() == 0:
         # root ignores file modes: give the command a private read-only mount of the copy
         if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode:
-            pytest.skip("running as root without the right to unshare a mount namespace")
+            pytest.fail(
+                "running as root without the right to unshare a mount namespace: run as a "
+                "normal user, or where unshare --mount is allowed"
+            )
         mount = 'mount --bind -r "$0" "$0" && exec "$@"'
         command = ["unshare", "--mount", "sh", "-c", mount, str(data_dir), *command]
     return subprocess.run(

