@@ -21,6 +21,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     ExchangeType,
 )
+from yarl import URL
 
 from messages import topology, tracing
 from messages.codec import Wire, decode, encode
@@ -111,6 +112,9 @@ class Session:
     def __init__(self, connection: AbstractConnection) -> None:
         self.connection = connection
         self.consuming: list[str] = []
+        # Held for the life of the session: aio-pika's robust connection kept its channels only
+        # weakly (aio-pika#594), so a garbage collection during an outage lost the consumers.
+        self.channels: list[AbstractChannel] = []
         self._lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         connection.close_callbacks.add(lambda _, exc: self.lose(f"connection closed: {exc}"))
 
@@ -124,6 +128,7 @@ class Session:
     async def channel(self, *, confirms: bool = False, prefetch: int = 0) -> AbstractChannel:
         """A channel whose loss ends the session."""
         channel = await self.connection.channel(publisher_confirms=confirms)
+        self.channels.append(channel)
         channel.close_callbacks.add(lambda _, exc: self.lose(f"channel closed: {exc}"))
         if prefetch:
             await channel.set_qos(prefetch_count=prefetch)
@@ -174,6 +179,13 @@ async def run_connected(
         try:
             session = Session(await _open(settings, name))
             await asyncio.wait_for(setup(session), settings.connect_timeout_s)
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            await _close(session)
+            raise ConfigurationError(
+                f"RabbitMQ refused {amqp_user(settings)!r} what this service needs ({exc}): give "
+                "the user those permissions, or run `saga provision` and start the service with "
+                "SAGA_DECLARE_TOPOLOGY=false"
+            ) from exc
         except (*_TRANSIENT, AlreadyRunningError) as exc:
             if isinstance(exc, AlreadyRunningError) and not ever_up:
                 raise  # at start: another instance really is there
@@ -215,6 +227,11 @@ async def run_connected(
         log.warning("connection to RabbitMQ lost (%s); reconnecting", why)
         health.down(f"connection lost: {why}")
         await _close(session)
+
+
+def amqp_user(settings: BrokerSettings) -> str:
+    """The login of the broker URL: what RabbitMQ checks a message's user_id against."""
+    return URL(settings.amqp_url).user or "guest"
 
 
 async def _close(session: Session | None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
@@ -30,6 +30,11 @@ def consuming(headers: Mapping[str, object] | None, name: str) -> Iterator[None]
     parent = propagate.extract(carrier)
     with _tracer.start_as_current_span(name, context=parent, kind=SpanKind.CONSUMER):
         yield
+
+
+def continuing(traceparent: str | None, name: str) -> AbstractContextManager[None]:
+    """Work on a saga outside any delivery (a deadline, a confirm) inside the saga's trace."""
+    return consuming({HEADER: traceparent} if traceparent else None, name)
 
 
 def outgoing() -> dict[str, str]:

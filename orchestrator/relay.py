@@ -167,7 +167,12 @@ class OutboxRelay:
         # Logged when it starts and when the wait stops growing, not on every try.
         capped_now = wait >= self.max_retry_s > self._wait(retry.failures - 1)
         if retry.failures == 1 or capped_now:
-            with saga_context(row.wire.correlation_id):
+            with (
+                saga_context(
+                    row.wire.correlation_id, step=row.wire.type, message_id=row.wire.message_id
+                ),
+                tracing.continuing(row.traceparent, f"publish {row.wire.type}"),
+            ):
                 log.warning(
                     "publishing %s to %s/%s failed (%d time(s)): %s; retrying in %.1fs",
                     row.wire.type,

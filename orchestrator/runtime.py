@@ -248,14 +248,25 @@ class Orchestrator:
 
         # The row is deleted in the same transaction that starts the deadline, so a crash
         # in between republishes it and starts the deadline on that confirm instead.
+        with (
+            saga_context(saga_id, step=row.wire.type, message_id=command_id),
+            tracing.continuing(row.traceparent, f"confirm {row.wire.type}"),
+        ):
+            await self._start_deadline(saga_id, decide, row.id)
+
+    async def _start_deadline(
+        self,
+        saga_id: UUID,
+        decide: Callable[[engine.SagaState | None], engine.Decision],
+        row_id: int,
+    ) -> None:
         while True:
             try:
-                if await self._decide(saga_id, decide, published=(row.id,)):
-                    self._relay.done([row.id])
+                if await self._decide(saga_id, decide, published=(row_id,)):
+                    self._relay.done([row_id])
                 return
             except Exception as exc:
-                with saga_context(saga_id):
-                    log.warning("could not start the deadline (%s); trying again", exc)
+                log.warning("could not start the deadline (%s); trying again", exc)
                 await asyncio.sleep(self.settings.connect_retry_s)
 
     async def _decide(
@@ -326,9 +337,11 @@ class Orchestrator:
             except Exception:
                 log.exception("reading due sagas failed; trying again next tick")
                 continue
-            await asyncio.gather(*(self._expire(state.saga_id, now) for state in due))
+            await asyncio.gather(*(self._expire(state, now) for state in due))
 
-    async def _expire(self, saga_id: UUID, now: datetime) -> None:
+    async def _expire(self, due: engine.SagaState, now: datetime) -> None:
+        saga_id = due.saga_id
+
         def decide(state: engine.SagaState | None) -> engine.Decision:
             assert state is not None, "the store listed it as due"
             try:
@@ -338,7 +351,10 @@ class Orchestrator:
                 self.store.quarantine(saga_id, f"its deadline could not be handled: {exc!r}")
                 raise Rejected("undecidable_saga", repr(exc)) from exc
 
-        with saga_context(saga_id):
+        with (
+            saga_context(saga_id, step="deadline", message_id=due.pending),
+            tracing.continuing(due.traceparent, "deadline"),
+        ):
             try:
                 await self._decide(saga_id, decide)
             except Rejected as exc:

@@ -21,7 +21,6 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Histogram
-from yarl import URL
 
 from messages import amqp, topology, tracing
 from messages.amqp import Exchanges
@@ -212,7 +211,7 @@ async def serve(
         log.warning("fault injection is ON: %s", faults)
     # Replies carry our login as user_id (RabbitMQ checks it), so the orchestrator can tell
     # which service sent them.
-    login = URL(settings.amqp_url).user or "guest"
+    login = amqp.amqp_user(settings)
 
     async def setup(session: amqp.Session) -> None:
         publish_channel = await session.channel(confirms=True)

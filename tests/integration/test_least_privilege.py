@@ -16,10 +16,11 @@ import pytest
 
 from messages import topology
 from messages.errors import ConfigurationError
-from messages.models import ReserveStock
+from messages.models import CommandSucceeded, ReserveStock
+from orchestrator.engine import command_id
 from orchestrator.provision import ROLES, user_names
 from tests.integration.broker import Broker
-from tests.integration.stack import ROOT, Stack, send
+from tests.integration.stack import ROOT, Stack, drain, send
 from tests.integration.test_saga_flows import ORDER
 
 pytestmark = pytest.mark.broker
@@ -32,6 +33,10 @@ class Provisioned:
     admin_url: str
     users: dict[str, str]
     passwords: dict[str, str]
+
+    def participant_users(self) -> str:
+        """SAGA_PARTICIPANT_USERS for the orchestrator: who each participant logs in as."""
+        return ",".join(f"{p}={self.users[p]}" for p in topology.PARTICIPANTS)
 
     def url(self, role: str) -> str:
         parts = urlsplit(self.admin_url)
@@ -171,13 +176,72 @@ def test_the_saga_runs_with_least_privileged_users(provisioned: Provisioned, sta
         stack.worker(
             participant, *options, SAGA_AMQP_URL=provisioned.url(participant), **no_declaring
         )
-    stack.orchestrator(SAGA_AMQP_URL=provisioned.url("orchestrator"), **no_declaring)
+    stack.orchestrator(
+        SAGA_AMQP_URL=provisioned.url("orchestrator"),
+        SAGA_PARTICIPANT_USERS=provisioned.participant_users(),
+        **no_declaring,
+    )
     stack.env["SAGA_AMQP_URL"] = provisioned.url("client")
 
     code, result = stack.place_order(*ORDER, "--amount", "25.00")
 
+    # Every reply came from its participant's own user, so every one was accepted
     assert code == 0, result
     assert stack.stock("item-1") == 9
+
+
+def test_a_participant_cannot_answer_for_another(provisioned: Provisioned, stack: Stack) -> None:
+    # Given a saga waiting for ChargePayment (no payment service yet), and an orchestrator
+    # that knows which user each participant logs in as
+    stack.env["SAGA_DECLARE_TOPOLOGY"] = "false"
+    stack.worker("inventory", "--stock", "item-1=10", SAGA_AMQP_URL=provisioned.url("inventory"))
+    stack.orchestrator(
+        SAGA_AMQP_URL=provisioned.url("orchestrator"),
+        SAGA_PARTICIPANT_USERS=provisioned.participant_users(),
+        SAGA_STEP_TIMEOUT_S="60",
+    )
+    stack.env["SAGA_AMQP_URL"] = provisioned.url("client")
+    order = stack.place_order_async(*ORDER, "--amount", "25.00", timeout=60)
+    stack.wait_for_log("orchestrator", "sent ChargePayment attempt 1")
+    saga_id = next(iter(stack.query("inventory", "SELECT saga_id FROM reservations")))[0]
+
+    # When inventory, logged in as itself (RabbitMQ checks user_id against the login),
+    # claims that the charge went through
+    forged = CommandSucceeded(
+        saga_id=uuid.UUID(saga_id),
+        command_id=command_id(uuid.UUID(saga_id), "charge_payment", compensating=False),
+        command_type="ChargePayment",
+        participant="payment",
+        detail="charged (not really)",
+    )
+    connection = pika.BlockingConnection(pika.URLParameters(provisioned.url("inventory")))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        send(
+            channel,
+            topology.REPLIES_EXCHANGE,
+            topology.REPLY_ROUTING_KEY,
+            forged,
+            user_id=provisioned.users["inventory"],
+        )
+    finally:
+        connection.close()
+
+    # Then the orchestrator dead-letters it, and the saga still waits for payment
+    admin = pika.BlockingConnection(pika.URLParameters(provisioned.admin_url))
+    try:
+        dead = drain(admin.channel(), topology.dead_letter_queue(topology.REPLIES_QUEUE), 1)
+    finally:
+        admin.close()
+    assert [props.headers[topology.REASON_HEADER] for props, _ in dead] == ["unauthenticated_reply"]
+    assert "charge_payment: succeeded" not in stack.services["orchestrator"].output()
+
+    # And the real payment service's answer is taken
+    stack.worker("payment", SAGA_AMQP_URL=provisioned.url("payment"))
+    stack.worker("order", SAGA_AMQP_URL=provisioned.url("order"))
+    out, err = order.communicate(timeout=60)
+    assert order.returncode == 0, (out, err)
 
 
 def test_a_service_without_the_topology_says_to_provision(stack: Stack) -> None:

@@ -323,3 +323,25 @@ def test_health_says_whether_a_service_is_connected_and_consuming(stack: Stack) 
     stack.kill("orchestrator")
     time.sleep(8)
     assert saga_cli(stack, "health").returncode == 1
+
+
+def test_every_log_line_of_a_timed_out_saga_names_its_trace_and_message(stack: Stack) -> None:
+    # Given a saga that times out and is compensating (no payment service), logged as JSON
+    stack.worker("inventory", "--stock", "item-1=10", SAGA_LOG_FORMAT="json")
+    stack.orchestrator(**{**FAST_TIMEOUTS, "SAGA_LOG_FORMAT": "json"})
+    order = stack.place_order_async(*ORDER, "--amount", "25.00", timeout=10)
+    wait_until("the compensation", lambda: [s["status"] for s in listed(stack)] == ["COMPENSATING"])
+    order.kill()
+    saga_id = listed(stack)[0]["saga_id"]
+    time.sleep(2)  # RefundPayment, unanswered, times out and is resent meanwhile
+
+    # Then every line about it, deadlines and confirms included, carries one trace id and
+    # the id of the message it is about
+    lines = [json.loads(line) for line in stack.services["orchestrator"].output().splitlines()]
+    about = [line for line in lines if line.get("saga_id") == saga_id]
+    assert any("timed_out" in line["message"] for line in about)
+    assert {line.get("trace_id") for line in about} != {None}
+    assert len({line.get("trace_id") for line in about}) == 1, about
+    assert all(line.get("message_id") for line in about), [
+        line for line in about if not line.get("message_id")
+    ]
