@@ -225,7 +225,6 @@ class AbortSaga(OperatorAction):
     type: Literal["AbortSaga"] = "AbortSaga"
 
 
-
 class ActionRefused(Envelope):
     """Reply to an operator action the saga's state does not allow; nothing changed."""
 
