@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
 import re
 import socket
 import sqlite3
@@ -138,6 +139,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "saga") -> int:
     except SagaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Output piped into `head` and the like: the reader left, nothing went wrong here.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (OSError, sqlite3.Error) as exc:
         print(f"error: the store under SAGA_DATA_DIR cannot be used: {exc}", file=sys.stderr)
         return 2
