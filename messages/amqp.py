@@ -154,6 +154,7 @@ class Session:
 
 
 Setup = Callable[[Session], Awaitable[None]]
+STABLE_S = 10.0  # a session that lasted this long was a real recovery, not a flap
 
 
 async def run_connected(
@@ -193,12 +194,7 @@ async def run_connected(
             why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             await _close(session)
             health.down(f"cannot reach RabbitMQ: {why}")
-            down_for = time.monotonic() - down_since
-            if down_for > settings.broker_give_up_s:
-                raise BrokerUnavailableError(
-                    f"RabbitMQ at {redact(settings.amqp_url)} out of reach for {down_for:.0f}s "
-                    f"(SAGA_BROKER_GIVE_UP_S={settings.broker_give_up_s:g}): {why}"
-                ) from exc
+            _give_up_after(settings, down_since, why)
             log.warning(
                 "cannot reach RabbitMQ at %s (attempt %d): %s; retrying in %.1fs",
                 redact(settings.amqp_url),
@@ -219,14 +215,31 @@ async def run_connected(
             )
         ever_up, attempt = True, 0
         health.up(session.consuming)
+        up_since = time.monotonic()
         try:
             why = await session.lost()
         finally:
             on_lost()
-        down_since = time.monotonic()
         log.warning("connection to RabbitMQ lost (%s); reconnecting", why)
         health.down(f"connection lost: {why}")
         await _close(session)
+        if time.monotonic() - up_since >= STABLE_S:
+            down_since = time.monotonic()
+        else:
+            # A session that keeps dropping at once counts as down, and is not retried in a
+            # tight loop: the give-up applies to it too.
+            _give_up_after(settings, down_since, why)
+            await asyncio.sleep(settings.connect_retry_s)
+
+
+def _give_up_after(settings: BrokerSettings, down_since: float, why: str) -> None:
+    """Raise BrokerUnavailableError once there has been no working session for too long."""
+    down_for = time.monotonic() - down_since
+    if down_for > settings.broker_give_up_s:
+        raise BrokerUnavailableError(
+            f"no working session with RabbitMQ at {redact(settings.amqp_url)} for "
+            f"{down_for:.0f}s (SAGA_BROKER_GIVE_UP_S={settings.broker_give_up_s:g}); last: {why}"
+        )
 
 
 def amqp_user(settings: BrokerSettings) -> str:
@@ -396,8 +409,8 @@ async def consume(
 
     This is the one place deliveries are acked or dead-lettered. A message that does not
     decode, or that the handler rejects, goes to the DLQ with the reason and is logged once;
-    the consumer keeps going. A handler that raises gets the message again, from the back
-    of the queue, up to SAGA_MAX_DELIVERIES times; then it is dead-lettered with the error.
+    the consumer keeps going. A handler that raises gets the message again (requeued after a
+    pause) up to SAGA_MAX_DELIVERIES times; then it is dead-lettered with the error.
     """
     consumer = _Consumer(queue_name, exchanges, handler, settings)
     queue = await channel.get_queue(queue_name, ensure=True)

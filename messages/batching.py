@@ -27,12 +27,16 @@ class GroupCommit(Generic[T, R]):
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
 
     async def submit(self, item: T) -> R:
+        return await self.enqueue(item)
+
+    def enqueue(self, item: T) -> asyncio.Future[R]:
+        """Add ``item`` to the next batch now; the future resolves once it is processed."""
         loop = asyncio.get_running_loop()
         if not self._waiting:
             loop.call_soon(self._run)
         future: asyncio.Future[R] = loop.create_future()
         self._waiting.append((item, future))
-        return await future
+        return future
 
     def _run(self) -> None:
         batch, self._waiting = self._waiting, []

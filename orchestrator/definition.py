@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 
 from messages.errors import DefinitionError
 from messages.models import (
@@ -53,10 +52,6 @@ class RetryPolicy:
     def capped(self, attempt: int) -> bool:
         """True once the wait has stopped growing."""
         return self.wait_s(attempt) >= self.max_wait_s
-
-    def deadline(self, now: datetime, attempt: int) -> datetime:
-        """When attempt number ``attempt`` times out, counting from ``now``."""
-        return now + timedelta(seconds=self.wait_s(attempt))
 
 
 @dataclass(frozen=True)

@@ -221,7 +221,9 @@ def on_deadline(definition: SagaDefinition, state: SagaState, now: datetime) -> 
     if policy.max_attempts is None or state.attempt < policy.max_attempts:
         decision = _send(definition, state, state.step, state.attempt + 1, now)
         resent_forever = policy.max_attempts is None
-        if resent_forever and policy.capped(state.attempt + 1) and not policy.capped(state.attempt):
+        # Said once: with the first resend whose wait is the longest it will get.
+        first_capped = state.attempt == 1 or not policy.capped(state.attempt)
+        if resent_forever and policy.capped(state.attempt + 1) and first_capped:
             warning = (
                 f"{command} unanswered after {state.attempt} attempts; resending every "
                 f"{policy.max_wait_s:g}s until {step.participant} answers"

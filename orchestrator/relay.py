@@ -42,18 +42,21 @@ class OutboxRelay:
 
     Publishes only while attached to a connection's exchanges (``attach``/``detach``).
     ``on_confirmed`` hears of every confirmed row; rows it does not take over (it returns
-    False) are deleted by the relay.
+    False) are deleted by the relay. A failed row that ``still_wanted`` no longer wants (its
+    saga has moved on) is deleted instead of retried.
     """
 
     def __init__(
         self,
         store: SagaStore,
         on_confirmed: Callable[[OutboxMessage], bool],
+        still_wanted: Callable[[OutboxMessage], bool],
         publish_timeout_s: float,
         max_retry_s: float,
     ) -> None:
         self.store = store
         self.on_confirmed = on_confirmed
+        self.still_wanted = still_wanted  # asked before a retry: has the saga moved on?
         self.publish_timeout_s = publish_timeout_s
         self.max_retry_s = max_retry_s
         self._exchanges: dict[str, AbstractExchange] | None = None
@@ -70,7 +73,8 @@ class OutboxRelay:
         self._exchanges = exchanges
         now = time.monotonic()
         for retry in self._retries.values():
-            retry.due = now
+            if retry.due != float("inf"):  # not one in flight: that would publish it twice
+                retry.due = now
         self._attached.set()
         self._ready.set()
 
@@ -101,7 +105,12 @@ class OutboxRelay:
             while True:
                 await self._attached.wait()
                 self._ready.clear()
-                rows = self._due_retries() + self.store.outbox(BATCH, after=self._cursor)
+                try:
+                    rows = self._due_retries() + self.store.outbox(BATCH, after=self._cursor)
+                except Exception:
+                    log.exception("reading the outbox failed; trying again")
+                    await asyncio.sleep(self.max_retry_s / 10)
+                    continue
                 if not rows:
                     await self._idle()
                     continue
@@ -119,9 +128,16 @@ class OutboxRelay:
     def _due_retries(self) -> list[OutboxMessage]:
         now = time.monotonic()
         due = [r for r in self._retries.values() if r.due <= now]
+        rows = []
         for retry in due:
-            retry.due = float("inf")  # in flight; _publish reschedules or forgets it
-        return [retry.row for retry in due]
+            assert retry.row.id is not None
+            if self.still_wanted(retry.row):
+                retry.due = float("inf")  # in flight; _publish reschedules or forgets it
+                rows.append(retry.row)
+            else:
+                del self._retries[retry.row.id]
+                self._confirmed.append(retry.row.id)  # deleted with the next commit
+        return rows
 
     async def _idle(self) -> None:
         waits = [r.due for r in self._retries.values() if r.due != float("inf")]
@@ -189,4 +205,8 @@ class OutboxRelay:
     def _flush(self) -> None:
         if self._confirmed:
             done, self._confirmed = self._confirmed, []
-            self.store.outbox_done(done)
+            try:
+                self.store.outbox_done(done)
+            except Exception:
+                log.exception("deleting published outbox rows failed; will try again")
+                self._confirmed.extend(done)

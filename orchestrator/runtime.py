@@ -93,11 +93,15 @@ class Orchestrator:
         self._group: GroupCommit[tuple[engine.Decision, Sequence[int]], None] = GroupCommit(
             self._commit
         )
-        # Decided but not yet committed: a second event for the same saga in the same
-        # batch must build on the first one's state, not on the stored one.
-        self._uncommitted: dict[UUID, engine.SagaState] = {}
+        # Decided but not yet committed, with the commit to wait for: a second event for the
+        # same saga in the same batch must build on the first one's state, not the stored one.
+        self._uncommitted: dict[UUID, tuple[engine.SagaState, asyncio.Future[None]]] = {}
         self._relay = OutboxRelay(
-            store, self._on_confirmed, settings.publish_timeout_s, settings.max_retry_wait_s
+            store,
+            self._on_confirmed,
+            self._still_wanted,
+            settings.publish_timeout_s,
+            settings.max_retry_wait_s,
         )
         self._exchanges: Exchanges | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -226,7 +230,13 @@ class Orchestrator:
             refusal = str(exc)
         if refusal and reply_to and self._exchanges:
             answer = ActionRefused(saga_id=action.saga_id, action=action.type, detail=refusal)
-            await amqp.publish(self._exchanges.default, answer, reply_to, mandatory=False)
+            await amqp.publish(
+                self._exchanges.default,
+                answer,
+                reply_to,
+                mandatory=False,
+                timeout=self.settings.publish_timeout_s,
+            )
 
     def _on_confirmed(self, row: OutboxMessage) -> bool:
         """The broker has a row: a command's deadline starts now. True: we delete the row."""
@@ -236,6 +246,16 @@ class Orchestrator:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return True
+
+    def _still_wanted(self, row: OutboxMessage) -> bool:
+        """Whether a command row that failed to publish is still the one its saga waits for."""
+        if row.exchange != topology.COMMANDS_EXCHANGE:
+            return True
+        try:
+            state = self.store.get(UUID(row.wire.correlation_id))
+        except Exception:  # unreadable, or the store is in trouble: keep it, decide later
+            return True
+        return state is not None and str(state.pending) == row.wire.message_id
 
     async def _sent(self, row: OutboxMessage, now: datetime) -> None:
         assert row.id is not None
@@ -265,7 +285,12 @@ class Orchestrator:
                 if await self._decide(saga_id, decide, published=(row_id,)):
                     self._relay.done([row_id])
                 return
-            except Exception as exc:
+            except (Rejected, SagaNotFoundError) as exc:
+                # Nothing will ever take this confirm (the saga is gone or quarantined).
+                log.warning("confirm of a command not applied (%s); forgetting its row", exc)
+                self._relay.done([row_id])
+                return
+            except Exception as exc:  # the store, most likely: worth another try
                 log.warning("could not start the deadline (%s); trying again", exc)
                 await asyncio.sleep(self.settings.connect_retry_s)
 
@@ -280,19 +305,25 @@ class Orchestrator:
         Returns why nothing changed, when the engine ignored the event. ``published`` outbox
         rows are deleted in the same transaction.
         """
-        state = self._uncommitted.get(saga_id) or self._load(saga_id)
+        uncommitted = self._uncommitted.get(saga_id)
+        state = uncommitted[0] if uncommitted else self._load(saga_id)
         decision = decide(state)
         if decision.ignored:
+            if uncommitted:
+                # Ignored because of a state not on disk yet: it must be before we go on
+                # (and ack, or delete an outbox row); if that commit fails, so does this.
+                await asyncio.shield(uncommitted[1])
             log.debug("event dropped: %s", decision.ignored)
             return decision.ignored
+        new = decision.state
+        commit = self._group.enqueue((decision, published))
+        self._uncommitted[saga_id] = (new.model_copy(update={"version": new.version + 1}), commit)
+        await commit
         if decision.warning:
             log.warning("%s", decision.warning)
         seen = len(state.history) if state else 0
-        for entry in decision.state.history[seen:]:
+        for entry in new.history[seen:]:
             log.info("%s: %s %s", entry.step, entry.event, entry.detail, extra={"step": entry.step})
-        new = decision.state
-        self._uncommitted[saga_id] = new.model_copy(update={"version": new.version + 1})
-        await self._group.submit((decision, published))
         metrics.observe(new.history, seen)
         return None
 

@@ -251,8 +251,9 @@ class SqliteStore:
         log.error("saga %s quarantined: %s", saga_id, why, extra={"saga_id": str(saga_id)})
         with self._db:
             self._db.execute(
-                "UPDATE sagas SET status = ?, reason = ?, deadline = NULL, waiting_since = NULL"
-                " WHERE saga_id = ?",
+                # A new version, so a decision about to commit on the old state fails.
+                "UPDATE sagas SET status = ?, reason = ?, deadline = NULL, waiting_since = NULL,"
+                " version = version + 1 WHERE saga_id = ?",
                 (SagaStatus.QUARANTINED.value, why[:500], str(saga_id)),
             )
 
@@ -319,7 +320,13 @@ class SqliteStore:
             f"SELECT saga_id, state FROM sagas{clause} ORDER BY created_at DESC LIMIT ?",
             (*args, limit),
         )
-        return [_load(saga_id, blob) for saga_id, blob in rows]
+        listed = []
+        for saga_id, blob in rows:
+            try:
+                listed.append(_load(saga_id, blob))
+            except UnreadableSagaError as exc:  # quarantined when the orchestrator meets it
+                log.warning("%s", exc)
+        return listed
 
     def counts(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT status, count(*) FROM sagas GROUP BY status"))
