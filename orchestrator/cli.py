@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "saga") -> int:
         store = SqliteStore(settings.db_path, readonly=True)
         try:
             if args.command == "show":
-                return _show(store, args)
+                return _show(store, args, settings.stuck_after_s)
             command = {"list": _list, "stats": _stats}[args.command]
             return command(store, args, settings.stuck_after_s)
         finally:
@@ -255,7 +255,7 @@ def _list_quarantined(store: SqliteStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def _show(store: SqliteStore, args: argparse.Namespace) -> int:
+def _show(store: SqliteStore, args: argparse.Namespace, stuck_after_s: float) -> int:
     state = store.get(args.saga_id)
     if state is None:
         raise SagaNotFoundError(
@@ -271,6 +271,12 @@ def _show(store: SqliteStore, args: argparse.Namespace) -> int:
     )
     print(f"order: {order.quantity} x {order.sku} for {order.customer_id}, {order.amount}")
     print(f"started {state.created_at:%Y-%m-%d %H:%M:%S.%f}"[:-3] + " UTC")
+    stuck_for = state.stuck_for(datetime.now(UTC), stuck_after_s)
+    if stuck_for is not None:
+        print(
+            f"stuck: waiting {_seconds(stuck_for)} for one reply, attempt {state.attempt} "
+            f"(saga abort {state.saga_id} --reason ... if it must stop)"
+        )
     print(format_timeline(state.history))
     return 0
 

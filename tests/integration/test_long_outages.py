@@ -67,6 +67,7 @@ def test_an_order_service_down_for_long_never_fails_a_charged_customer(stack: St
     assert "RefundPayment" not in sent(saga) and "ReleaseStock" not in sent(saga)
     stats = json.loads(saga_cli(stack, "stats", "--json").stdout)
     assert stats["stuck"] == 3
+    assert "stuck: waiting" in saga_cli(stack, "show", running[0]["saga_id"]).stdout
 
     # Then once it is back, every one of them completes: same command id, applied once
     stack.worker("order")
