@@ -154,15 +154,13 @@ class OutboxRelay:
         try:
             if self._exchanges is None:
                 raise ConnectionError("not connected")
-            await asyncio.wait_for(
-                amqp.publish(
-                    self._exchanges[row.exchange],
-                    row.wire,
-                    row.routing_key,
-                    mandatory=row.mandatory,
-                    headers={tracing.HEADER: row.traceparent} if row.traceparent else None,
-                ),
-                self.publish_timeout_s,
+            await amqp.publish(
+                self._exchanges[row.exchange],
+                row.wire,
+                row.routing_key,
+                mandatory=row.mandatory,
+                headers={tracing.HEADER: row.traceparent} if row.traceparent else None,
+                timeout=self.publish_timeout_s,
             )
         except Exception as exc:  # whatever it was, the row must be sent again, later
             self._failed(row, exc)

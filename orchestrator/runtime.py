@@ -96,6 +96,10 @@ class Orchestrator:
         # Decided but not yet committed, with the commit to wait for: a second event for the
         # same saga in the same batch must build on the first one's state, not the stored one.
         self._uncommitted: dict[UUID, tuple[engine.SagaState, asyncio.Future[None]]] = {}
+        # Running sagas as last committed, so an event need not read and parse its saga back
+        # from the store. Safe because this process alone writes the store (its lock); with
+        # several orchestrators each would keep only the sagas it owns.
+        self._running: dict[UUID, engine.SagaState] = {}
         self._relay = OutboxRelay(
             store,
             self._on_confirmed,
@@ -282,7 +286,9 @@ class Orchestrator:
     ) -> None:
         while True:
             try:
-                if await self._decide(saga_id, decide, published=(row_id,)):
+                # Not urgent: losing this commit in a crash only means the row is published
+                # and confirmed again, so it rides along with the next batch.
+                if await self._decide(saga_id, decide, published=(row_id,), urgent=False):
                     self._relay.done([row_id])
                 return
             except (Rejected, SagaNotFoundError) as exc:
@@ -299,6 +305,7 @@ class Orchestrator:
         saga_id: UUID,
         decide: Callable[[engine.SagaState | None], engine.Decision],
         published: Sequence[int] = (),
+        urgent: bool = True,
     ) -> str | None:
         """Run the engine on the saga's latest state; return once the result is committed.
 
@@ -316,7 +323,7 @@ class Orchestrator:
             log.debug("event dropped: %s", decision.ignored)
             return decision.ignored
         new = decision.state
-        commit = self._group.enqueue((decision, published))
+        commit = self._group.enqueue((decision, published), urgent=urgent)
         self._uncommitted[saga_id] = (new.model_copy(update={"version": new.version + 1}), commit)
         await commit
         if decision.warning:
@@ -328,6 +335,8 @@ class Orchestrator:
         return None
 
     def _load(self, saga_id: UUID) -> engine.SagaState | None:
+        if saga_id in self._running:
+            return self._running[saga_id]
         try:
             return self.store.get(saga_id)
         except UnreadableSagaError as exc:  # the store has quarantined it
@@ -348,6 +357,14 @@ class Orchestrator:
             results = [self._commit_one(d, ids) for d, ids in items]
         finally:
             self._uncommitted.clear()  # committed, or failed and to be redelivered
+        for (decision, _), result in zip(items, results, strict=True):
+            state = decision.state
+            if result is None and not state.status.finished:
+                self._running[state.saga_id] = state.model_copy(
+                    update={"version": state.version + 1}
+                )
+            else:  # finished, or failed: the store has the truth
+                self._running.pop(state.saga_id, None)
         self._relay.wake()
         return results
 
@@ -379,6 +396,7 @@ class Orchestrator:
                 return engine.on_deadline(self.definition, state, now)
             except Exception as exc:
                 # A saga the engine cannot decide would fail again on every tick.
+                self._running.pop(saga_id, None)
                 self.store.quarantine(saga_id, f"its deadline could not be handled: {exc!r}")
                 raise Rejected("undecidable_saga", repr(exc)) from exc
 
