@@ -22,42 +22,24 @@ class GroupCommit(Generic[T, R]):
     if it raises, every item of the batch fails with that error.
     """
 
-    def __init__(
-        self, process: Callable[[list[T]], Sequence[R | Exception]], lazy_s: float = 0.05
-    ) -> None:
+    def __init__(self, process: Callable[[list[T]], Sequence[R | Exception]]) -> None:
         self._process = process
-        self._lazy_s = lazy_s
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
-        self._soon = False  # a run is scheduled for this loop turn
-        self._later: asyncio.TimerHandle | None = None  # a run scheduled for lazy items
 
     async def submit(self, item: T) -> R:
         return await self.enqueue(item)
 
-    def enqueue(self, item: T, *, urgent: bool = True) -> asyncio.Future[R]:
-        """Add ``item`` to the next batch now; the future resolves once it is processed.
-
-        An item that is not ``urgent`` waits up to ``lazy_s`` for an urgent one to share its
-        batch (its transaction, its fsync) rather than cost one of its own.
-        """
+    def enqueue(self, item: T) -> asyncio.Future[R]:
+        """Add ``item`` to the next batch now; the future resolves once it is processed."""
         loop = asyncio.get_running_loop()
+        if not self._waiting:
+            loop.call_soon(self._run)
         future: asyncio.Future[R] = loop.create_future()
         self._waiting.append((item, future))
-        if urgent and not self._soon:
-            self._soon = True
-            loop.call_soon(self._run)
-        elif not self._soon and self._later is None:
-            self._later = loop.call_later(self._lazy_s, self._run)
         return future
 
     def _run(self) -> None:
-        self._soon = False
-        if self._later is not None:
-            self._later.cancel()
-            self._later = None
         batch, self._waiting = self._waiting, []
-        if not batch:
-            return
         try:
             results: Sequence[R | Exception] = self._process([item for item, _ in batch])
         except Exception as exc:

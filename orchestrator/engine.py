@@ -3,8 +3,10 @@
 No I/O, no clock, no randomness: command ids are derived from the saga id, so deciding the
 same thing twice produces the same commands, and every transition is a plain unit test.
 
-A command's deadline starts when the broker confirms it (``on_sent``), not when it is
-decided: a broker outage or an outbox backlog never counts against a participant.
+A command's wait counts from the broker's confirm of it, not from the decision: when a
+deadline passes, ``on_deadline`` is told when (or whether) the broker took the command, and
+postpones the deadline if the broker had it for less than the whole wait. So a broker outage
+or an outbox backlog never counts against a participant, at no cost on the hot path.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ class SagaState(BaseModel):
     attempt: int = 0  # sends of the pending command so far
     pending: UUID | None = None  # id of the command whose reply we wait for
     wait_s: float = 0.0  # how long the pending attempt waits once the broker has it
-    deadline: datetime | None = None  # None until the broker confirms the pending command
+    deadline: datetime | None = None  # at the earliest; see on_deadline
     waiting_since: datetime | None = None  # first send of the pending command: for "stuck"
+    sent_at: datetime | None = None  # this attempt's send: a confirm before it was an earlier one's
     to_compensate: tuple[int, ...] = ()  # steps still to undo after the current one
     unanswered: tuple[str, ...] = ()  # compensations that did not succeed, and why
     reason: str | None = None
@@ -159,13 +162,6 @@ def on_repeat(state: SagaState, reply_to: str | None, now: datetime) -> Decision
     return Decision(_record(state, now, SAGA, "repeated_request", f"result also to {reply_to}"))
 
 
-def on_sent(state: SagaState, command_id: UUID, now: datetime) -> Decision:
-    """The broker confirmed a command: the wait for its reply starts now."""
-    if state.status.finished or state.pending != command_id or state.deadline is not None:
-        return Decision(state, ignored="not the pending command, or its deadline already runs")
-    return Decision(state.model_copy(update={"deadline": now + timedelta(seconds=state.wait_s)}))
-
-
 def on_reply(definition: SagaDefinition, state: SagaState, reply: Reply, now: datetime) -> Decision:
     """Apply a participant's reply; duplicates, late and stray replies change nothing.
 
@@ -209,10 +205,20 @@ def on_reply(definition: SagaDefinition, state: SagaState, reply: Reply, now: da
     return _next_compensation(definition, state, now)
 
 
-def on_deadline(definition: SagaDefinition, state: SagaState, now: datetime) -> Decision:
-    """The pending command got no reply in time: resend it, or (before the pivot) undo it."""
+def on_deadline(
+    definition: SagaDefinition, state: SagaState, now: datetime, confirmed_at: datetime | None
+) -> Decision:
+    """The pending command got no reply in time: resend it, or (before the pivot) undo it.
+
+    ``confirmed_at`` is when the broker confirmed the pending command, None if it has not
+    yet. The wait counts from there: if the broker has not had the command for the whole
+    wait, the deadline moves instead.
+    """
     if state.status.finished or state.deadline is None or now < state.deadline:
         return Decision(state, ignored="no deadline has passed")
+    wait = timedelta(seconds=state.wait_s)
+    if confirmed_at is None or confirmed_at + wait > now:
+        return Decision(state.model_copy(update={"deadline": (confirmed_at or now) + wait}))
     step = definition.steps[state.step]
     policy = _policy(definition, state)
     command = _command_type(definition, state.step, _compensating(state)).__name__
@@ -342,8 +348,10 @@ def _send(
             "attempt": attempt,
             "pending": command.message_id,
             "wait_s": _policy(definition, state).wait_s(attempt),
-            "deadline": None,  # starts when the broker confirms the command (on_sent)
+            # A first guess: on_deadline moves it if the broker took the command later.
+            "deadline": now + timedelta(seconds=_policy(definition, state).wait_s(attempt)),
             "waiting_since": now if attempt == 1 else state.waiting_since,
+            "sent_at": now,
         }
     )
     if _recorded(attempt):
@@ -385,6 +393,7 @@ def _finish(
             "pending": state.pending if keep_pending else None,
             "deadline": None,
             "waiting_since": None,
+            "sent_at": None,
             "to_compensate": (),
         }
     )

@@ -41,15 +41,14 @@ class OutboxRelay:
     """Runs until cancelled; ``wake()`` after each commit that queued messages.
 
     Publishes only while attached to a connection's exchanges (``attach``/``detach``).
-    ``on_confirmed`` hears of every confirmed row; rows it does not take over (it returns
-    False) are deleted by the relay. A failed row that ``still_wanted`` no longer wants (its
-    saga has moved on) is deleted instead of retried.
+    ``on_confirmed`` hears of every confirmed row. A failed row that ``still_wanted`` no
+    longer wants (its saga has moved on) is deleted instead of retried.
     """
 
     def __init__(
         self,
         store: SagaStore,
-        on_confirmed: Callable[[OutboxMessage], bool],
+        on_confirmed: Callable[[OutboxMessage], None],
         still_wanted: Callable[[OutboxMessage], bool],
         publish_timeout_s: float,
         max_retry_s: float,
@@ -87,7 +86,7 @@ class OutboxRelay:
         self._ready.set()
 
     def done(self, ids: list[int]) -> None:
-        """Rows ``on_confirmed`` took over but could not delete itself: delete them later."""
+        """Rows a failed commit could not delete: delete them later."""
         self._confirmed.extend(ids)
 
     def take_confirmed(self) -> list[int]:
@@ -166,8 +165,8 @@ class OutboxRelay:
             self._failed(row, exc)
         else:
             self._retries.pop(row.id, None)
-            if not self.on_confirmed(row):
-                self._confirmed.append(row.id)
+            self.on_confirmed(row)
+            self._confirmed.append(row.id)
         finally:
             self._slots.release()
 

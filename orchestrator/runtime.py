@@ -3,9 +3,9 @@
 Every event follows the same path: load the saga, ask the engine, commit the new state and
 its outgoing messages in one transaction, then ack. Events that arrive in the same loop turn
 share one transaction (group commit). The outbox relay publishes what was committed, with
-confirms, and deletes each row only once the broker has it; a command's confirm is itself an
-event (``engine.on_sent``), since its deadline starts there. A lost connection is set up
-again from scratch (``amqp.run_connected``); the timer and the store carry on meanwhile.
+confirms, and deletes each row only once the broker has it; the confirm times of commands
+are kept, so a deadline counts from when the broker took the command. A lost connection is
+set up again from scratch (``amqp.run_connected``); the timer and the store carry on meanwhile.
 """
 
 from __future__ import annotations
@@ -100,6 +100,10 @@ class Orchestrator:
         # from the store. Safe because this process alone writes the store (its lock); with
         # several orchestrators each would keep only the sagas it owns.
         self._running: dict[UUID, engine.SagaState] = {}
+        # When the broker confirmed each running saga's latest command: its wait counts from
+        # there. Lost in a crash, and then counted from this process's start instead.
+        self._confirmed: dict[UUID, tuple[str, datetime]] = {}
+        self._started_at = self.now()
         self._relay = OutboxRelay(
             store,
             self._on_confirmed,
@@ -108,7 +112,6 @@ class Orchestrator:
             settings.max_retry_wait_s,
         )
         self._exchanges: Exchanges | None = None
-        self._background: set[asyncio.Task[None]] = set()
 
     def now(self) -> datetime:
         return datetime.now(UTC)
@@ -242,14 +245,10 @@ class Orchestrator:
                 timeout=self.settings.publish_timeout_s,
             )
 
-    def _on_confirmed(self, row: OutboxMessage) -> bool:
-        """The broker has a row: a command's deadline starts now. True: we delete the row."""
-        if row.exchange != topology.COMMANDS_EXCHANGE:
-            return False
-        task = asyncio.create_task(self._sent(row, self.now()))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return True
+    def _on_confirmed(self, row: OutboxMessage) -> None:
+        """The broker has a command: its wait for a reply counts from now (see _expire)."""
+        if row.exchange == topology.COMMANDS_EXCHANGE:
+            self._confirmed[UUID(row.wire.correlation_id)] = (row.wire.message_id, self.now())
 
     def _still_wanted(self, row: OutboxMessage) -> bool:
         """Whether a command row that failed to publish is still the one its saga waits for."""
@@ -261,51 +260,11 @@ class Orchestrator:
             return True
         return state is not None and str(state.pending) == row.wire.message_id
 
-    async def _sent(self, row: OutboxMessage, now: datetime) -> None:
-        assert row.id is not None
-        saga_id, command_id = UUID(row.wire.correlation_id), UUID(row.wire.message_id)
-
-        def decide(state: engine.SagaState | None) -> engine.Decision:
-            if state is None:
-                raise SagaNotFoundError(f"no saga {saga_id}")
-            return engine.on_sent(state, command_id, now)
-
-        # The row is deleted in the same transaction that starts the deadline, so a crash
-        # in between republishes it and starts the deadline on that confirm instead.
-        with (
-            saga_context(saga_id, step=row.wire.type, message_id=command_id),
-            tracing.continuing(row.traceparent, f"confirm {row.wire.type}"),
-        ):
-            await self._start_deadline(saga_id, decide, row.id)
-
-    async def _start_deadline(
-        self,
-        saga_id: UUID,
-        decide: Callable[[engine.SagaState | None], engine.Decision],
-        row_id: int,
-    ) -> None:
-        while True:
-            try:
-                # Not urgent: losing this commit in a crash only means the row is published
-                # and confirmed again, so it rides along with the next batch.
-                if await self._decide(saga_id, decide, published=(row_id,), urgent=False):
-                    self._relay.done([row_id])
-                return
-            except (Rejected, SagaNotFoundError) as exc:
-                # Nothing will ever take this confirm (the saga is gone or quarantined).
-                log.warning("confirm of a command not applied (%s); forgetting its row", exc)
-                self._relay.done([row_id])
-                return
-            except Exception as exc:  # the store, most likely: worth another try
-                log.warning("could not start the deadline (%s); trying again", exc)
-                await asyncio.sleep(self.settings.connect_retry_s)
-
     async def _decide(
         self,
         saga_id: UUID,
         decide: Callable[[engine.SagaState | None], engine.Decision],
         published: Sequence[int] = (),
-        urgent: bool = True,
     ) -> str | None:
         """Run the engine on the saga's latest state; return once the result is committed.
 
@@ -323,7 +282,7 @@ class Orchestrator:
             log.debug("event dropped: %s", decision.ignored)
             return decision.ignored
         new = decision.state
-        commit = self._group.enqueue((decision, published), urgent=urgent)
+        commit = self._group.enqueue((decision, published))
         self._uncommitted[saga_id] = (new.model_copy(update={"version": new.version + 1}), commit)
         await commit
         if decision.warning:
@@ -365,6 +324,8 @@ class Orchestrator:
                 )
             else:  # finished, or failed: the store has the truth
                 self._running.pop(state.saga_id, None)
+                if state.status.finished:
+                    self._confirmed.pop(state.saga_id, None)
         self._relay.wake()
         return results
 
@@ -387,13 +348,28 @@ class Orchestrator:
                 continue
             await asyncio.gather(*(self._expire(state, now) for state in due))
 
+    def _confirmed_at(self, state: engine.SagaState) -> datetime | None:
+        """When the broker confirmed the saga's pending command; None if it has not yet."""
+        confirmed = self._confirmed.get(state.saga_id)
+        # Every resend has the same id: only a confirm after this attempt's send is its own.
+        if (
+            confirmed
+            and confirmed[0] == str(state.pending)
+            and (state.sent_at is None or confirmed[1] >= state.sent_at)
+        ):
+            return confirmed[1]
+        if state.pending is None or self.store.outbox_holds(str(state.pending)):
+            return None  # still waiting in the outbox (broker away, or the row will not go)
+        # Gone from the outbox, so confirmed: before this process started, as a rule.
+        return max(self._started_at, state.sent_at or self._started_at)
+
     async def _expire(self, due: engine.SagaState, now: datetime) -> None:
         saga_id = due.saga_id
 
         def decide(state: engine.SagaState | None) -> engine.Decision:
             assert state is not None, "the store listed it as due"
             try:
-                return engine.on_deadline(self.definition, state, now)
+                return engine.on_deadline(self.definition, state, now, self._confirmed_at(state))
             except Exception as exc:
                 # A saga the engine cannot decide would fail again on every tick.
                 self._running.pop(saga_id, None)

@@ -96,6 +96,10 @@ class SagaStore(Protocol):
 
     def outbox_depth(self) -> int: ...
 
+    def outbox_holds(self, message_id: str) -> bool:
+        """Whether a message is still waiting in the outbox (not yet confirmed)."""
+        ...
+
     def sagas(
         self, status: SagaStatus | None, limit: int, since: datetime | None = None
     ) -> list[SagaState]: ...
@@ -301,6 +305,11 @@ class SqliteStore:
 
     def outbox_depth(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    def outbox_holds(self, message_id: str) -> bool:
+        # No index: asked only when a deadline passes, and the outbox is short.
+        row = self._db.execute("SELECT 1 FROM outbox WHERE message_id = ? LIMIT 1", (message_id,))
+        return row.fetchone() is not None
 
     def sagas(
         self, status: SagaStatus | None, limit: int, since: datetime | None = None

@@ -16,7 +16,7 @@ def batches_of(scenario: str) -> list[list[str]]:
         return [ValueError(item) if item == "bad" else item.upper() for item in items]
 
     async def main() -> None:
-        group: GroupCommit[str, str] = GroupCommit(process, lazy_s=0.05)
+        group: GroupCommit[str, str] = GroupCommit(process)
         if scenario == "same turn":
             assert await asyncio.gather(group.submit("a"), group.submit("b")) == ["A", "B"]
         elif scenario == "one fails alone":
@@ -24,15 +24,6 @@ def batches_of(scenario: str) -> list[list[str]]:
                 group.submit("a"), group.submit("bad"), return_exceptions=True
             )
             assert results[0] == "A" and isinstance(results[1], ValueError)
-        elif scenario == "lazy alone":
-            started = asyncio.get_running_loop().time()
-            assert await group.enqueue("a", urgent=False) == "A"
-            assert asyncio.get_running_loop().time() - started >= 0.04
-        elif scenario == "lazy rides along":
-            lazy = group.enqueue("a", urgent=False)
-            await asyncio.sleep(0.01)
-            assert await group.submit("b") == "B"
-            assert lazy.done() and lazy.result() == "A"
 
     asyncio.run(main())
     return seen
@@ -44,11 +35,3 @@ def test_what_arrives_in_one_loop_turn_is_one_batch() -> None:
 
 def test_an_item_that_fails_fails_alone() -> None:
     assert batches_of("one fails alone") == [["a", "bad"]]
-
-
-def test_a_lazy_item_alone_waits_a_little_then_goes() -> None:
-    assert batches_of("lazy alone") == [["a"]]
-
-
-def test_a_lazy_item_rides_along_with_the_next_urgent_one_in_order() -> None:
-    assert batches_of("lazy rides along") == [["a", "b"]]

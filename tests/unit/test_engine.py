@@ -42,7 +42,6 @@ from orchestrator.engine import (
     on_deadline,
     on_repeat,
     on_reply,
-    on_sent,
     start,
 )
 
@@ -178,39 +177,29 @@ def entries(state: SagaState, event: str) -> list[str]:
 
 def due(state: SagaState) -> datetime:
     """The moment the pending command times out."""
-    assert state.deadline is not None, "no deadline runs: was the command confirmed?"
+    assert state.deadline is not None, "no deadline: nothing is pending"
     return state.deadline
 
 
-def confirmed(decision: Decision, now: datetime | None = None) -> Decision:
-    """``decision`` once the broker has confirmed the command it sends, if any: at ``now``,
-    by default at once. The outbox and warning are kept, so the test can still read them."""
-    commands = [out for out in decision.outbox if isinstance(out, SendCommand)]
-    if not commands:
-        return decision
-    when = now or decision.state.updated_at
-    confirm = on_sent(decision.state, sent(decision).command.message_id, when)
-    assert confirm.ignored is None, confirm.ignored
-    return Decision(confirm.state, decision.outbox, decision.ignored, decision.warning)
-
-
 def begin(definition: SagaDefinition = SAGA, reply_to: str | None = REPLY_TO) -> Decision:
-    """A new saga, its first command confirmed at T0."""
-    return confirmed(start(definition, place_order(), reply_to, T0))
+    """A new saga, its first command sent at T0."""
+    return start(definition, place_order(), reply_to, T0)
 
 
 def answer(
     decision: Decision, reply: Reply, now: datetime, definition: SagaDefinition = SAGA
 ) -> Decision:
-    """Apply ``reply``; whatever command that sends is confirmed at once."""
-    return confirmed(on_reply(definition, decision.state, reply, now))
+    """Apply ``reply``."""
+    return on_reply(definition, decision.state, reply, now)
 
 
 def time_out(decision: Decision, times: int = 1, definition: SagaDefinition = SAGA) -> Decision:
-    """Let the pending command's deadline pass ``times`` times in a row (resends confirmed)."""
+    """Let the pending command's deadline pass ``times`` times in a row, each command
+    confirmed by the broker as soon as it was sent."""
     for _ in range(times):
         now = due(decision.state)
-        decision = confirmed(on_deadline(definition, decision.state, now), now)
+        sent_at = now - timedelta(seconds=decision.state.wait_s)
+        decision = on_deadline(definition, decision.state, now, sent_at)
     return decision
 
 
@@ -265,7 +254,7 @@ def failed_by_abort() -> tuple[Decision, SendCommand]:
 # --- starting and the happy path -------------------------------------------------------------
 
 
-def test_start_sends_reserve_stock_to_inventory_and_waits_for_the_broker() -> None:
+def test_start_sends_reserve_stock_to_inventory_and_waits_for_its_reply() -> None:
     order = place_order()
 
     decision = start(SAGA, order, REPLY_TO, T0)
@@ -279,8 +268,8 @@ def test_start_sends_reserve_stock_to_inventory_and_waits_for_the_broker() -> No
     assert state.status is SagaStatus.RUNNING
     assert state.pending == command.command.message_id
     assert state.attempt == 1
-    # the wait is known, but it only starts once the broker has the command
-    assert state.deadline is None
+    # a first deadline, moved later if the broker takes the command late (on_deadline)
+    assert state.deadline == at(STEP_TIMEOUT_S)
     assert state.wait_s == STEP_TIMEOUT_S
     assert state.waiting_since == T0
     assert state.reply_to == REPLY_TO
@@ -488,61 +477,71 @@ def test_a_reply_for_a_finished_saga_is_ignored() -> None:
 # --- deadlines count from the broker's confirm -----------------------------------------------
 
 
-def test_the_deadline_starts_when_the_broker_confirms_the_command() -> None:
+def test_the_wait_counts_from_the_brokers_confirm_not_from_the_decision() -> None:
+    # Given ReserveStock decided at T0, but confirmed by the broker only at 3 s
     started = start(SAGA, place_order(), REPLY_TO, T0)
+    assert started.state.deadline == at(STEP_TIMEOUT_S)
 
-    confirm = on_sent(started.state, sent(started).command.message_id, at(3))
+    # When its first deadline passes
+    moved = on_deadline(SAGA, started.state, at(STEP_TIMEOUT_S), confirmed_at=at(3))
 
-    assert confirm.ignored is None
-    assert confirm.outbox == ()
-    assert confirm.state.deadline == at(3 + STEP_TIMEOUT_S)
-    assert confirm.state.waiting_since == T0  # stuck still counts from the send
+    # Then nothing is resent: the deadline moves to a full wait after the confirm
+    assert moved.ignored is None and moved.outbox == ()
+    assert moved.state.deadline == at(3 + STEP_TIMEOUT_S)
+    assert moved.state.attempt == 1 and events(moved.state) == events(started.state)
+    assert moved.state.waiting_since == T0  # stuck still counts from the send
 
 
 def test_a_broker_outage_before_the_confirm_never_times_out_a_step() -> None:
     # Given ReserveStock decided, but the broker down for an hour so nothing is confirmed
     started = start(SAGA, place_order(), REPLY_TO, T0)
-    assert on_deadline(SAGA, started.state, at(3600)).ignored
+    decision = started
+    while due(decision.state) < at(3600):
+        decision = on_deadline(SAGA, decision.state, due(decision.state), confirmed_at=None)
+        assert decision.outbox == (), due(decision.state)
+    assert decision.state.attempt == 1
 
-    # When the broker is back and confirms the command
-    back = confirmed(started, at(3600))
+    # When the broker is back, confirms the command and the participant answers
+    reserved = on_reply(SAGA, decision.state, succeeded(sent(started)), at(3605))
 
-    # Then the participant gets its full wait, and the saga goes on as if nothing happened
-    assert on_deadline(SAGA, back.state, at(3600 + STEP_TIMEOUT_S - 0.001)).ignored
-    reserved = on_reply(SAGA, back.state, succeeded(sent(back)), at(3605))
+    # Then the saga goes on as if nothing happened
     assert reserved.state.status is SagaStatus.RUNNING
     assert isinstance(sent(reserved).command, ChargePayment)
     assert ("reserve_stock", "timed_out") not in events(reserved.state)
 
 
-def test_a_confirm_of_anything_but_the_awaited_command_changes_nothing() -> None:
-    started = begin()
-    reserve_id = sent(started).command.message_id
-    charging = answer(started, succeeded(sent(started)), at(1))
-    refused = on_reply(SAGA, charging.state, failed(sent(charging), "payment_declined"), at(2))
-    finished = on_reply(SAGA, refused.state, succeeded(sent(refused)), at(3))
-
-    # a confirm arriving late for a command already answered
-    assert on_sent(charging.state, reserve_id, at(5)).state == charging.state
-    # a second confirm of the same command (republished by the relay) does not push the deadline
-    again = on_sent(charging.state, sent(charging).command.message_id, at(5))
-    assert again.ignored
-    assert again.state.deadline == at(1 + STEP_TIMEOUT_S)
-    # and a finished saga has nothing to wait for
-    assert on_sent(finished.state, sent(refused).command.message_id, at(5)).ignored
-    assert finished.state.deadline is None
-
-
-def test_a_resend_waits_for_its_own_confirm_and_stuck_counts_from_the_first_send() -> None:
+def test_a_command_the_broker_had_for_the_whole_wait_times_out() -> None:
     started = begin()
 
-    resent = on_deadline(SAGA, started.state, at(STEP_TIMEOUT_S))
+    resent = on_deadline(SAGA, started.state, at(STEP_TIMEOUT_S), confirmed_at=T0)
 
-    assert resent.state.deadline is None
+    assert isinstance(sent(resent).command, ReserveStock)
+    assert resent.state.attempt == 2
+    assert ("reserve_stock", "timed_out") in events(resent.state)
+
+
+def test_a_resend_waits_its_own_full_wait_and_stuck_counts_from_the_first_send() -> None:
+    started = begin()
+
+    resent = on_deadline(SAGA, started.state, at(STEP_TIMEOUT_S), confirmed_at=T0)
+
     assert resent.state.wait_s == 2 * STEP_TIMEOUT_S
+    assert resent.state.deadline == at(3 * STEP_TIMEOUT_S)
     assert resent.state.waiting_since == T0
-    assert on_deadline(SAGA, resent.state, at(3600)).ignored
-    assert confirmed(resent, at(15)).state.deadline == at(15 + 2 * STEP_TIMEOUT_S)
+    # the resend itself waits in the outbox: its deadline moves, nothing more is sent
+    moved = on_deadline(SAGA, resent.state, at(3 * STEP_TIMEOUT_S), confirmed_at=None)
+    assert moved.outbox == () and moved.state.attempt == 2
+
+
+def test_each_attempt_remembers_when_it_was_sent() -> None:
+    # the runtime tells a resend's confirm from an earlier attempt's by it (same command id)
+    started = begin()
+    resent = on_deadline(SAGA, started.state, at(STEP_TIMEOUT_S), confirmed_at=T0)
+    refused = on_reply(SAGA, resent.state, failed(sent(resent), "out_of_stock"), at(6))
+
+    assert started.state.sent_at == T0
+    assert resent.state.sent_at == at(STEP_TIMEOUT_S)
+    assert refused.state.status is SagaStatus.COMPENSATED and refused.state.sent_at is None
 
 
 def test_the_next_step_starts_a_wait_of_its_own() -> None:
@@ -562,7 +561,7 @@ def test_the_next_step_starts_a_wait_of_its_own() -> None:
 def test_a_deadline_that_has_not_passed_is_ignored() -> None:
     started = begin()
 
-    early = on_deadline(SAGA, started.state, at(STEP_TIMEOUT_S - 0.001))
+    early = on_deadline(SAGA, started.state, at(STEP_TIMEOUT_S - 0.001), confirmed_at=T0)
 
     assert early.ignored
     assert early.outbox == ()
@@ -573,7 +572,7 @@ def test_a_deadline_on_a_finished_saga_is_ignored() -> None:
     started = begin()
     finished = on_reply(SAGA, started.state, failed(sent(started), "out_of_stock"), at(1))
 
-    later = on_deadline(SAGA, finished.state, at(3600))
+    later = on_deadline(SAGA, finished.state, at(3600), confirmed_at=T0)
 
     assert later.ignored
     assert later.state == finished.state
@@ -800,9 +799,7 @@ def test_abort_while_charging_refunds_the_charge_in_flight_then_releases_the_sto
     charge = sent(charging)
 
     # When an operator aborts the saga
-    aborted = confirmed(
-        on_abort(SAGA, charging.state, "customer cancelled", OPERATOR, at(clock + 1))
-    )
+    aborted = on_abort(SAGA, charging.state, "customer cancelled", OPERATOR, at(clock + 1))
 
     # Then the request is on the timeline, saying who and why
     assert aborted.ignored is None
@@ -876,7 +873,7 @@ def test_abort_of_a_stuck_pivot_ends_failed_and_sends_nothing_to_undo() -> None:
     assert (event.event.status, event.event.reason) == (SagaStatus.FAILED, reason)
     # and it is no longer stuck, nor timed out again
     assert state.stuck_for(now + timedelta(days=1), STUCK_AFTER_S) is None
-    assert on_deadline(SAGA, state, now + timedelta(days=1)).ignored
+    assert on_deadline(SAGA, state, now + timedelta(days=1), confirmed_at=now).ignored
     assert state.pending == complete.command.message_id
 
 
@@ -1030,8 +1027,7 @@ def test_nothing_announces_a_failed_saga_a_second_time() -> None:
 
     followers = [
         on_reply(SAGA, state, succeeded(complete), later),
-        on_deadline(SAGA, state, later),
-        on_sent(state, complete.command.message_id, later),
+        on_deadline(SAGA, state, later, confirmed_at=later),
         on_abort(SAGA, state, "again", OPERATOR, later),
         on_repeat(state, OTHER_CLIENT, later),
     ]
