@@ -190,8 +190,8 @@ def _age(state: SagaState, now: datetime) -> str:
 def _seconds(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
+            return f"{int(seconds // size)}{unit}"  # 92 s is "1m", not "2m": never more
+    return f"{int(seconds)}s"
 
 
 def _summary(state: SagaState, now: datetime, stuck_after_s: float) -> dict[str, object]:
