@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -90,9 +90,7 @@ class Orchestrator:
         self.store = store
         self.definition = definition_from(settings)
         self.reply_users = settings.reply_users
-        self._group: GroupCommit[tuple[engine.Decision, Sequence[int]], None] = GroupCommit(
-            self._commit
-        )
+        self._group: GroupCommit[engine.Decision, None] = GroupCommit(self._commit)
         # Decided but not yet committed, with the commit to wait for: a second event for the
         # same saga in the same batch must build on the first one's state, not the stored one.
         self._uncommitted: dict[UUID, tuple[engine.SagaState, asyncio.Future[None]]] = {}
@@ -264,25 +262,23 @@ class Orchestrator:
         self,
         saga_id: UUID,
         decide: Callable[[engine.SagaState | None], engine.Decision],
-        published: Sequence[int] = (),
     ) -> str | None:
         """Run the engine on the saga's latest state; return once the result is committed.
 
-        Returns why nothing changed, when the engine ignored the event. ``published`` outbox
-        rows are deleted in the same transaction.
+        Returns why nothing changed, when the engine ignored the event.
         """
         uncommitted = self._uncommitted.get(saga_id)
         state = uncommitted[0] if uncommitted else self._load(saga_id)
         decision = decide(state)
         if decision.ignored:
             if uncommitted:
-                # Ignored because of a state not on disk yet: it must be before we go on
-                # (and ack, or delete an outbox row); if that commit fails, so does this.
+                # Ignored because of a state not on disk yet: it must be before this event
+                # is acked; if that commit fails, so does this.
                 await asyncio.shield(uncommitted[1])
             log.debug("event dropped: %s", decision.ignored)
             return decision.ignored
         new = decision.state
-        commit = self._group.enqueue((decision, published))
+        commit = self._group.enqueue(decision)
         self._uncommitted[saga_id] = (new.model_copy(update={"version": new.version + 1}), commit)
         await commit
         if decision.warning:
@@ -301,22 +297,19 @@ class Orchestrator:
         except UnreadableSagaError as exc:  # the store has quarantined it
             raise Rejected("unreadable_saga", str(exc)) from exc
 
-    def _commit(self, items: list[tuple[engine.Decision, Sequence[int]]]) -> list[Exception | None]:
+    def _commit(self, decisions: list[engine.Decision]) -> list[Exception | None]:
         # Deleting published outbox rows here spares them a transaction (an fsync) of their own.
         confirmed = self._relay.take_confirmed()
-        results: list[Exception | None] = [None] * len(items)
+        results: list[Exception | None] = [None] * len(decisions)
         try:
-            self.store.commit_many(
-                [(d.state, to_outbox(d)) for d, _ in items],
-                [*confirmed, *(i for _, ids in items for i in ids)],
-            )
+            self.store.commit_many([(d.state, to_outbox(d)) for d in decisions], confirmed)
         except Exception:
             self._relay.done(confirmed)
             # One bad decision must not fail its neighbours: commit each on its own.
-            results = [self._commit_one(d, ids) for d, ids in items]
+            results = [self._commit_one(d) for d in decisions]
         finally:
             self._uncommitted.clear()  # committed, or failed and to be redelivered
-        for (decision, _), result in zip(items, results, strict=True):
+        for decision, result in zip(decisions, results, strict=True):
             state = decision.state
             if result is None and not state.status.finished:
                 self._running[state.saga_id] = state.model_copy(
@@ -329,9 +322,9 @@ class Orchestrator:
         self._relay.wake()
         return results
 
-    def _commit_one(self, decision: engine.Decision, published: Sequence[int]) -> Exception | None:
+    def _commit_one(self, decision: engine.Decision) -> Exception | None:
         try:
-            self.store.commit_many([(decision.state, to_outbox(decision))], published)
+            self.store.commit_many([(decision.state, to_outbox(decision))])
         except Exception as exc:
             return exc
         return None
