@@ -87,6 +87,12 @@ class Client:
             raise SagaError(
                 f"the broker did not take the request ({exc!r}): {_NOT_RUNNING}"
             ) from exc
+        except pika.exceptions.AMQPError as exc:
+            raise SagaError(
+                f"lost the connection to RabbitMQ while placing saga {message.saga_id} "
+                f"({exc!r}); requests sent before it are queued and will still be processed, "
+                "this one perhaps: check with saga show"
+            ) from exc
 
     def answers(self, timeout: float) -> Iterator[AnyMessage]:
         """Messages arriving on the reply queue until ``timeout`` seconds have passed."""

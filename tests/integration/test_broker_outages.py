@@ -104,15 +104,16 @@ def test_ten_broker_restarts_under_load_leave_every_service_consuming(
     for restart in range(10):
         # Given orders on their way
         load = stack.place_order_async(
-            *ORDER, "--amount", "25.00", "--count", "30", "--concurrency", "4", timeout=60
+            *ORDER, "--amount", "25.00", "--count", "200", "--concurrency", "4", timeout=60
         )
         time.sleep(0.3 + 0.1 * restart)  # restarts land at different points of the sagas
         # When the broker restarts under them
         node.restart(down_s=1 + (restart % 3) * 0.5)
         # Then every service consumes every queue again, by itself
         everything_consuming(node, stack)
-        load.kill()  # its reply queue died with the broker; the store tells the outcome
-        load.wait()
+        # The client loses its connection too: a clear line, never a traceback (or it was done)
+        _, err = load.communicate(timeout=90)
+        assert load.returncode in (0, 2) and "Traceback" not in err, err
 
     # And every saga the broker took completed: none compensated, none failed
     finished = wait_all_finished(stack)
