@@ -63,18 +63,22 @@ async def connect(settings: BrokerSettings, name: str) -> AbstractConnection:
         try:
             return await _open(settings, name)
         except _TRANSIENT as exc:
-            log.warning(
-                "cannot reach RabbitMQ at %s (attempt %d): %s; retrying in %.1fs",
-                redact(settings.amqp_url),
-                attempt,
-                exc or type(exc).__name__,
-                settings.connect_retry_s,
-            )
-            await asyncio.sleep(settings.connect_retry_s)
+            await _pause_before_retry(settings, attempt, str(exc) or type(exc).__name__)
 
 
 # What failing to reach the broker looks like: worth another try after a pause.
 _TRANSIENT = (TimeoutError, aiormq.exceptions.AMQPConnectionError, OSError, *BROKER_ERRORS)
+
+
+async def _pause_before_retry(settings: BrokerSettings, attempt: int, why: str) -> None:
+    log.warning(
+        "cannot reach RabbitMQ at %s (attempt %d): %s; retrying in %.1fs",
+        redact(settings.amqp_url),
+        attempt,
+        why,
+        settings.connect_retry_s,
+    )
+    await asyncio.sleep(settings.connect_retry_s)
 
 
 async def _open(settings: BrokerSettings, name: str) -> AbstractConnection:
@@ -85,7 +89,6 @@ async def _open(settings: BrokerSettings, name: str) -> AbstractConnection:
                 settings.amqp_url,
                 client_properties={"connection_name": name},
                 ssl_context=tls_context(settings.amqp_url, settings.ca_file),
-                timeout=settings.connect_timeout_s,
             ),
             settings.connect_timeout_s,
         )
@@ -195,14 +198,7 @@ async def run_connected(
             await _close(session)
             health.down(f"cannot reach RabbitMQ: {why}")
             _give_up_after(settings, down_since, why)
-            log.warning(
-                "cannot reach RabbitMQ at %s (attempt %d): %s; retrying in %.1fs",
-                redact(settings.amqp_url),
-                attempt,
-                why,
-                settings.connect_retry_s,
-            )
-            await asyncio.sleep(settings.connect_retry_s)
+            await _pause_before_retry(settings, attempt, why)
             continue
         except BaseException:
             await _close(session)

@@ -19,6 +19,11 @@ INTERVAL_S = 2.0
 STALE_AFTER_S = 3 * INTERVAL_S + 1
 
 
+def path(data_dir: Path, name: str) -> Path:
+    """Where the process called ``name`` (orchestrator, inventory, all, ...) reports."""
+    return data_dir / f"{name}.health"
+
+
 class Health:
     """What one process reports about itself."""
 

@@ -38,3 +38,16 @@ def run_service(main: Coroutine[Any, Any, None]) -> int:
         log.error("giving up: %s", exc)
         return EX_UNAVAILABLE
     return 0
+
+
+async def run_all(coroutines: dict[str, Coroutine[Any, Any, None]]) -> None:
+    """Run these together until one ends or fails; then stop the rest and raise its error."""
+    tasks = [asyncio.create_task(c, name=name) for name, c in coroutines.items()]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()  # raises its error, if it had one
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

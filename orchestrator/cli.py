@@ -162,7 +162,7 @@ def _provision() -> int:
 
 
 def _health(settings: OrchestratorSettings) -> int:
-    problem = health.check(settings.data_dir / "orchestrator.health")
+    problem = health.check(health.path(settings.data_dir, "orchestrator"))
     print(f"orchestrator: {problem or 'healthy: connected and consuming'}")
     return 1 if problem else 0
 

@@ -94,11 +94,6 @@ class OutboxRelay:
         done, self._confirmed = self._confirmed, []
         return done
 
-    @property
-    def retrying(self) -> int:
-        """Rows waiting to be published again."""
-        return len(self._retries)
-
     async def run(self) -> None:
         try:
             while True:

@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 from uuid import UUID
 
 from aio_pika.abc import AbstractIncomingMessage
 
 from messages import amqp, topology, tracing
+from messages import health as liveness
 from messages.amqp import Exchanges
 from messages.batching import GroupCommit
 from messages.codec import encode
 from messages.errors import Rejected, SagaNotFoundError, UnreadableSagaError
-from messages.health import Health
 from messages.logs import saga_context
 from messages.metrics import serve as serve_metrics
 from messages.models import AbortSaga, ActionRefused, AnyMessage, PlaceOrder, Reply
+from messages.service import run_all as run_service_tasks
 from orchestrator import engine, metrics
 from orchestrator.definition import SagaDefinition, order_saga
 from orchestrator.relay import OutboxRelay
@@ -124,14 +124,14 @@ class Orchestrator:
         depth = self.store.outbox_depth()
         if depth:
             log.info("resuming: %d outbox message(s) to republish", depth)
-        health = Health(
-            self.settings.data_dir / "orchestrator.health",
+        health = liveness.Health(
+            liveness.path(self.settings.data_dir, "orchestrator"),
             [topology.REQUESTS_QUEUE, topology.REPLIES_QUEUE],
         )
         connected = amqp.run_connected(
             self.settings, "orchestrator", self._setup, health, self._relay.detach
         )
-        await run_all(
+        await run_service_tasks(
             {
                 "outbox-relay": self._relay.run(),
                 "deadline-timer": self._timer(),
@@ -379,16 +379,3 @@ class Orchestrator:
                 log.error("deadline not handled: %s", exc)
             except Exception:
                 log.exception("deadline not handled; trying again next tick")
-
-
-async def run_all(coroutines: dict[str, Coroutine[Any, Any, None]]) -> None:
-    """Run these together until one ends or fails; then stop the rest and raise its error."""
-    tasks = [asyncio.create_task(c, name=name) for name, c in coroutines.items()]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()  # raises its error, if it had one
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)

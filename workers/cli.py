@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stock":
             return _stock(settings, args.json)
         if args.command == "health":
-            problem = health.check(settings.data_dir / f"{args.participant}.health")
+            problem = health.check(health.path(settings.data_dir, args.participant))
             print(f"{args.participant}: {problem or 'healthy: connected and consuming'}")
             return 1 if problem else 0
         _check_options(args)

@@ -7,7 +7,6 @@ a redelivered command gets the original reply back and has no second effect.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import sqlite3
@@ -23,13 +22,14 @@ from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Histogram
 
 from messages import amqp, topology, tracing
+from messages import health as liveness
 from messages.amqp import Exchanges
 from messages.batching import GroupCommit
 from messages.codec import decode
 from messages.errors import Rejected
-from messages.health import Health
 from messages.logs import saga_context
 from messages.models import AnyMessage, Command, CommandFailed, CommandSucceeded, Reply
+from messages.service import run_all
 from messages.settings import BrokerSettings, ServiceSettings
 from workers.faults import Faults
 
@@ -226,14 +226,9 @@ async def serve(
             log.info("%s ready: consuming %s on %s", participant.name, queue, url)
 
     queues = [topology.command_queue(p.name) for p in participants]
-    health = Health(settings.data_dir / f"{health_name}.health", queues)
+    health = liveness.Health(liveness.path(settings.data_dir, health_name), queues)
     connected = amqp.run_connected(settings, f"workers:{health_name}", setup, health)
-    health_task = asyncio.create_task(health.run())
-    try:
-        await connected
-    finally:
-        health_task.cancel()
-        await asyncio.gather(health_task, return_exceptions=True)
+    await run_all({"health": health.run(), "connection": connected})
 
 
 def _on_command(
