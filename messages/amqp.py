@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -18,9 +19,10 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
     AbstractExchange,
-    AbstractIncomingMessage,
     ExchangeType,
 )
+from pamqp import commands as spec
+from pamqp.common import FieldValue
 from yarl import URL
 
 from messages import topology, tracing
@@ -41,6 +43,8 @@ from messages.settings import BrokerSettings, tls_context
 from messages.settings import redact as redact  # re-exported: services log URLs through amqp
 
 log = logging.getLogger(__name__)
+
+PERSISTENT = 2  # delivery_mode: written to disk by the broker
 
 # What a lost connection or channel looks like from aio-pika: the broker's trouble, not ours.
 BROKER_ERRORS = (
@@ -139,17 +143,17 @@ class Session:
 
     async def consume(
         self,
-        channel: AbstractChannel,
         queue_name: str,
-        exchanges: Exchanges,
+        publisher: Publisher,
         handler: Handler,
         settings: BrokerSettings,
         *,
         exclusive: bool = False,
     ) -> None:
-        """``consume``, and end the session if the broker ever cancels this consumer."""
-        await consume(channel, queue_name, exchanges, handler, settings, exclusive=exclusive)
+        """``consume`` on a channel of its own; the session ends if the broker cancels it."""
+        channel = await self.channel(prefetch=settings.prefetch)
         underlay = await channel.get_underlay_channel()
+        await consume(underlay, queue_name, publisher, handler, settings, exclusive=exclusive)
         underlay.on_consumer_cancel_callbacks.add(
             lambda _: self.lose(f"the broker cancelled the consumer of {queue_name}")
         )
@@ -252,31 +256,19 @@ async def _close(session: Session | None) -> None:
         log.debug("closing a lost connection: %r", exc)
 
 
-@dataclass
-class Exchanges:
-    """The exchanges a service publishes to, declared on one channel with confirms."""
-
-    requests: AbstractExchange
-    commands: AbstractExchange
-    replies: AbstractExchange
-    events: AbstractExchange
-    dead_letter: AbstractExchange
-    default: AbstractExchange
-
-
-async def declare_topology(channel: AbstractChannel, declare: bool = True) -> Exchanges:
+async def declare_topology(channel: AbstractChannel, declare: bool = True) -> None:
     """Declare every exchange and queue (idempotent: same arguments every time).
 
     With ``declare`` off, only check that they exist: passive declarations need no
     permissions, so a least-privileged service can start once `saga provision` has run.
     """
     if not declare:
-        return await _existing_topology(channel)
+        await _existing_topology(channel)
+        return
     direct, topic = ExchangeType.DIRECT, ExchangeType.TOPIC
-    requests = await channel.declare_exchange(topology.REQUESTS_EXCHANGE, direct, durable=True)
-    commands = await channel.declare_exchange(topology.COMMANDS_EXCHANGE, direct, durable=True)
-    replies = await channel.declare_exchange(topology.REPLIES_EXCHANGE, direct, durable=True)
-    events = await channel.declare_exchange(topology.EVENTS_EXCHANGE, topic, durable=True)
+    for name in (topology.REQUESTS_EXCHANGE, topology.COMMANDS_EXCHANGE, topology.REPLIES_EXCHANGE):
+        await channel.declare_exchange(name, direct, durable=True)
+    await channel.declare_exchange(topology.EVENTS_EXCHANGE, topic, durable=True)
     dead = await channel.declare_exchange(topology.DEAD_LETTER_EXCHANGE, direct, durable=True)
     for queue_name, exchange_name, routing_key in topology.consumed_queues():
         dlq_name = topology.dead_letter_queue(queue_name)
@@ -292,10 +284,9 @@ async def declare_topology(channel: AbstractChannel, declare: bool = True) -> Ex
             },
         )
         await queue.bind(exchange_name, routing_key=routing_key)
-    return Exchanges(requests, commands, replies, events, dead, channel.default_exchange)
 
 
-async def _existing_topology(channel: AbstractChannel) -> Exchanges:
+async def _existing_topology(channel: AbstractChannel) -> None:
     names = (
         topology.REQUESTS_EXCHANGE,
         topology.COMMANDS_EXCHANGE,
@@ -304,7 +295,8 @@ async def _existing_topology(channel: AbstractChannel) -> Exchanges:
         topology.DEAD_LETTER_EXCHANGE,
     )
     try:
-        found = [await channel.get_exchange(name, ensure=True) for name in names]
+        for name in names:
+            await channel.get_exchange(name, ensure=True)
         for queue_name, _, _ in topology.consumed_queues():
             await channel.get_queue(queue_name, ensure=True)
     except aiormq.exceptions.ChannelNotFoundEntity as exc:
@@ -312,29 +304,80 @@ async def _existing_topology(channel: AbstractChannel) -> Exchanges:
             f"the saga topology is not there ({exc.args[0] if exc.args else exc}): run "
             "`saga provision` first, or let services declare it with SAGA_DECLARE_TOPOLOGY=true"
         ) from exc
-    requests, commands, replies, events, dead = found
-    return Exchanges(requests, commands, replies, events, dead, channel.default_exchange)
 
 
-def to_amqp(
-    wire: Wire,
-    *,
-    reply_to: str | None = None,
-    headers: dict[str, str] | None = None,
-    user_id: str | None = None,
-) -> aio_pika.Message:
-    """An aio-pika message with the properties we set on every publish."""
-    return aio_pika.Message(
-        wire.body,
-        content_type=wire.content_type,
-        type=wire.type,
-        message_id=wire.message_id,
-        correlation_id=wire.correlation_id,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        reply_to=reply_to,
-        headers=dict(headers or {}),
-        user_id=user_id,
-    )
+class Publisher:
+    """Publishes with confirms on one channel, through aiormq directly.
+
+    The hot path: aio-pika's message and exchange objects cost more CPU per message than
+    the rest of a hop together, so services publish through this instead.
+    """
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self.channel = channel
+
+    @classmethod
+    async def on(cls, channel: AbstractChannel) -> Publisher:
+        """A publisher on an aio-pika channel opened with publisher confirms."""
+        return cls(await channel.get_underlay_channel())
+
+    async def publish(
+        self,
+        exchange: str,
+        message: Envelope | Wire,
+        routing_key: str,
+        *,
+        mandatory: bool = True,
+        reply_to: str | None = None,
+        headers: dict[str, str] | None = None,
+        user_id: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish persistent and wait for the confirm; PublishFailedError when there is none.
+
+        With ``mandatory`` an unroutable message is an error, so a missing queue never
+        swallows a command silently. ``user_id`` must be the connection's login (RabbitMQ
+        checks it), so the receiver knows who sent it. With ``timeout``, a confirm that does
+        not come in time is a PublishFailedError too.
+        """
+        wire = message if isinstance(message, Wire) else encode(message)
+        properties = spec.Basic.Properties(
+            content_type=wire.content_type,
+            message_type=wire.type,
+            message_id=wire.message_id,
+            correlation_id=wire.correlation_id,
+            delivery_mode=PERSISTENT,
+            reply_to=reply_to,
+            headers=dict(headers) if headers else None,
+            user_id=user_id,
+        )
+        await self.send(exchange, routing_key, wire.body, properties, mandatory, timeout)
+
+    async def send(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+        mandatory: bool = True,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish a message as it is and wait for its confirm (see ``publish``)."""
+        what = f"{properties.message_type} to {exchange or '(default)'}/{routing_key}"
+        try:
+            # asyncio.timeout rather than wait_for: no extra task per publish on the hot path.
+            async with asyncio.timeout(timeout):
+                result = await self.channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=mandatory,
+                )
+        except BROKER_ERRORS as exc:
+            raise PublishFailedError(f"{what}: {exc!r}") from exc
+        if isinstance(result, aiormq.abc.DeliveredMessage):
+            raise PublishFailedError(f"{what} was unroutable")
 
 
 async def publish(
@@ -348,54 +391,53 @@ async def publish(
     user_id: str | None = None,
     timeout: float | None = None,
 ) -> None:
-    """Publish and wait for the broker's confirm; raise PublishFailedError when there is none.
-
-    With ``mandatory`` an unroutable message is an error, so a missing queue never swallows
-    a command silently. ``user_id`` must be the connection's login (RabbitMQ checks it), so
-    the receiver knows who sent it. With ``timeout``, a confirm that does not come in time
-    is a PublishFailedError too.
-    """
-    wire = message if isinstance(message, Wire) else encode(message)
-    amqp_message = to_amqp(wire, reply_to=reply_to, headers=headers, user_id=user_id)
-    try:
-        # asyncio.timeout rather than wait_for: no extra task per publish on the hot path.
-        async with asyncio.timeout(timeout):
-            result = await exchange.publish(amqp_message, routing_key, mandatory=mandatory)
-    except BROKER_ERRORS as exc:
-        raise PublishFailedError(
-            f"{wire.type} to {exchange.name or '(default)'}/{routing_key}: {exc!r}"
-        ) from exc
-    if isinstance(result, aiormq.abc.DeliveredMessage):
-        raise PublishFailedError(
-            f"{wire.type} to {exchange.name or '(default)'}/{routing_key} was unroutable"
-        )
-
-
-def _copy(
-    incoming: AbstractIncomingMessage, extra_headers: dict[str, str | int]
-) -> aio_pika.Message:
-    """The delivery as a new persistent message, its headers plus ``extra_headers``."""
-    headers = dict(incoming.headers or {})
-    headers.update(extra_headers)
-    return aio_pika.Message(
-        incoming.body,
-        content_type=incoming.content_type,
-        type=incoming.type,
-        message_id=incoming.message_id,
-        correlation_id=incoming.correlation_id,
-        reply_to=incoming.reply_to,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    """``Publisher.publish`` for tools that hold an aio-pika exchange (on a confirming channel)."""
+    assert isinstance(exchange, aio_pika.Exchange), "an exchange of an aio-pika channel"
+    publisher = await Publisher.on(exchange.channel)
+    await publisher.publish(
+        exchange.name,
+        message,
+        routing_key,
+        mandatory=mandatory,
+        reply_to=reply_to,
         headers=headers,
+        user_id=user_id,
+        timeout=timeout,
     )
 
 
-Handler = Callable[[AnyMessage, AbstractIncomingMessage], Awaitable[None]]
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What a handler may know of a delivery besides its decoded message."""
+
+    tag: int
+    body: bytes
+    properties: spec.Basic.Properties
+
+    @property
+    def reply_to(self) -> str | None:
+        return self.properties.reply_to
+
+    @property
+    def user_id(self) -> str | None:
+        return self.properties.user_id
+
+    @property
+    def message_id(self) -> str | None:
+        return self.properties.message_id
+
+    @property
+    def headers(self) -> dict[str, FieldValue]:
+        return dict(self.properties.headers or {})
+
+
+Handler = Callable[[AnyMessage, Delivery], Awaitable[None]]
 
 
 async def consume(
-    channel: AbstractChannel,
+    channel: aiormq.abc.AbstractChannel,
     queue_name: str,
-    exchanges: Exchanges,
+    publisher: Publisher,
     handler: Handler,
     settings: BrokerSettings,
     *,
@@ -403,15 +445,16 @@ async def consume(
 ) -> None:
     """Consume ``queue_name``: decode each delivery, hand it to ``handler``, then ack.
 
-    This is the one place deliveries are acked or dead-lettered. A message that does not
-    decode, or that the handler rejects, goes to the DLQ with the reason and is logged once;
-    the consumer keeps going. A handler that raises gets the message again (requeued after a
+    This is the one place deliveries are acked or dead-lettered; the channel must be this
+    consumer's alone (acks are sent several at a time). A message that does not decode, or
+    that the handler rejects, goes to the DLQ with the reason and is logged once; the
+    consumer keeps going. A handler that raises gets the message again (requeued after a
     pause) up to SAGA_MAX_DELIVERIES times; then it is dead-lettered with the error.
     """
-    consumer = _Consumer(queue_name, exchanges, handler, settings)
-    queue = await channel.get_queue(queue_name, ensure=True)
+    consumer = _Consumer(queue_name, publisher, handler, settings, _Acks(channel))
     try:
-        await queue.consume(consumer.on_message, exclusive=exclusive)
+        await channel.queue_declare(queue_name, passive=True)
+        await channel.basic_consume(queue_name, consumer.on_message, exclusive=exclusive)
     except aiormq.exceptions.ChannelAccessRefused as exc:
         raise AlreadyRunningError(
             f"another consumer holds {queue_name} exclusively on this vhost ({exc}): "
@@ -419,52 +462,113 @@ async def consume(
         ) from exc
 
 
+class _Acks:
+    """Acks one consumer's deliveries, several at once where it can (multiple=True).
+
+    Handlers finish out of order (a group commit settles many at once). Once per loop turn,
+    the settled deliveries at the head of the channel's order are acked with one frame; one
+    settled behind a delivery still in hand is acked on its own, so a slow message never
+    holds up the acks, and the prefetch window, behind it. Nacks go out at once.
+    """
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self.channel = channel
+        self._open: deque[int] = deque()  # delivery tags not yet settled, in delivery order
+        self._settled: dict[int, str] = {}  # tag -> "ack" (to send), "sent" or "nack"
+        self._flushing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def received(self, tag: int) -> None:
+        self._open.append(tag)
+
+    def ack(self, tag: int) -> None:
+        self._settled[tag] = "ack"
+        if not self._flushing:  # once per loop turn: a commit's handlers all settle by then
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    async def nack(self, tag: int) -> None:
+        """Requeue ``tag`` now."""
+        self._settled[tag] = "nack"
+        await _settle(self.channel.basic_nack(tag, requeue=True))
+
+    def _flush(self) -> None:
+        self._flushing = False
+        head = None
+        while self._open and self._open[0] in self._settled:
+            tag = self._open.popleft()
+            if self._settled.pop(tag) == "ack":
+                head = tag
+        if head is not None:
+            self._send(head, multiple=True)
+        for tag, state in self._settled.items():
+            if state == "ack":  # behind one still in hand: on its own
+                self._settled[tag] = "sent"
+                self._send(tag, multiple=False)
+
+    def _send(self, tag: int, *, multiple: bool) -> None:
+        task = asyncio.create_task(_settle(self.channel.basic_ack(tag, multiple=multiple)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
 class _Consumer:
     def __init__(
-        self, queue: str, exchanges: Exchanges, handler: Handler, settings: BrokerSettings
+        self,
+        queue: str,
+        publisher: Publisher,
+        handler: Handler,
+        settings: BrokerSettings,
+        acks: _Acks,
     ) -> None:
         self.queue = queue
-        self.exchanges = exchanges
+        self.publisher = publisher
         self.handler = handler
         self.settings = settings
+        self.acks = acks
         self._failures: dict[str, int] = {}  # message id -> deliveries whose handler raised
 
-    async def on_message(self, incoming: AbstractIncomingMessage) -> None:
+    async def on_message(self, delivered: aiormq.abc.DeliveredMessage) -> None:
+        properties = delivered.header.properties
+        tag = delivered.delivery_tag
+        assert tag is not None, "a delivery always has a tag"
+        self.acks.received(tag)
+        delivery = Delivery(tag, delivered.body, properties)
         try:
             message = decode(
-                incoming.body,
-                content_type=incoming.content_type,
-                type_hint=incoming.type,
+                delivered.body,
+                content_type=properties.content_type,
+                type_hint=properties.message_type,
                 max_bytes=self.settings.max_message_bytes,
             )
         except DecodeError as exc:
-            await self._dead_letter(incoming, exc.reason, exc.detail)
+            await self._dead_letter(delivery, exc.reason, exc.detail)
             return
         with (
             saga_context(message.saga_id, step=message.type, message_id=message.message_id),
-            tracing.consuming(incoming.headers, f"{self.queue} {message.type}"),
+            tracing.consuming(properties.headers, f"{self.queue} {message.type}"),
         ):
             try:
-                await self.handler(message, incoming)
+                await self.handler(message, delivery)
             except Rejected as exc:
-                await self._dead_letter(incoming, exc.reason, exc.detail)
+                await self._dead_letter(delivery, exc.reason, exc.detail)
             except PublishFailedError as exc:
                 # Broker trouble, not the message's fault: let it come back.
-                log.warning("requeueing %s: %s", incoming.message_id, exc)
-                await _settle(incoming.nack(requeue=True))
+                log.warning("requeueing %s: %s", delivery.message_id, exc)
+                await self.acks.nack(tag)
             except Exception as exc:
-                await self._failed(incoming, exc)
+                await self._failed(delivery, exc)
             else:
-                await _settle(incoming.ack())
+                self.acks.ack(tag)
 
-    async def _failed(self, incoming: AbstractIncomingMessage, exc: Exception) -> None:
+    async def _failed(self, delivery: Delivery, exc: Exception) -> None:
         """Requeue a delivery whose handler raised, or give up on it after max_deliveries."""
-        key = incoming.message_id or str(incoming.delivery_tag)
+        key = delivery.message_id or str(delivery.tag)
         deliveries = self._failures.pop(key, 0) + 1
         if deliveries >= self.settings.max_deliveries:
             log.exception("error handling %s (delivery %d): giving up", key, deliveries)
             await self._dead_letter(
-                incoming,
+                delivery,
                 "handler_error",
                 f"{exc!r} on {deliveries} deliveries",
                 {topology.DELIVERIES_HEADER: deliveries},
@@ -477,11 +581,11 @@ class _Consumer:
         # Requeued, not republished: a consumer may write only where its role allows, and
         # the pause keeps a poison message from spinning while it uses up its deliveries.
         await asyncio.sleep(min(0.05 * 2**deliveries, 2.0))
-        await _settle(incoming.nack(requeue=True))
+        await self.acks.nack(delivery.tag)
 
     async def _dead_letter(
         self,
-        incoming: AbstractIncomingMessage,
+        delivery: Delivery,
         reason: str,
         detail: str,
         extra: dict[str, str | int] | None = None,
@@ -489,14 +593,23 @@ class _Consumer:
         DEAD_LETTERED.labels(self.queue, reason).inc()
         log.warning(
             "dead-lettering message %s from %s: %s: %s",
-            incoming.message_id or f"(no message_id, delivery {incoming.delivery_tag})",
+            delivery.message_id or f"(no message_id, delivery {delivery.tag})",
             self.queue,
             reason,
             detail,
         )
-        copy = _copy(
-            incoming,
-            {
+        # The same message, persistent, with why it was moved in its headers. Not its
+        # user_id: that was the sender's login, and RabbitMQ checks it against ours.
+        original = delivery.properties
+        properties = spec.Basic.Properties(
+            content_type=original.content_type,
+            message_type=original.message_type,
+            message_id=original.message_id,
+            correlation_id=original.correlation_id,
+            reply_to=original.reply_to,
+            delivery_mode=PERSISTENT,
+            headers={
+                **delivery.headers,
                 topology.REASON_HEADER: reason,
                 topology.DETAIL_HEADER: detail[:1000],
                 topology.QUEUE_HEADER: self.queue,
@@ -505,14 +618,14 @@ class _Consumer:
         )
         # The copy is confirmed before the original is acked: nothing is lost in between.
         try:
-            result = await self.exchanges.dead_letter.publish(copy, self.queue, mandatory=True)
-            if isinstance(result, aiormq.abc.DeliveredMessage):
-                raise PublishFailedError(f"no dead-letter queue bound for {self.queue}")
-        except (PublishFailedError, *BROKER_ERRORS) as exc:
-            log.warning("could not move %s (%s); requeueing", incoming.message_id, exc)
-            await _settle(incoming.nack(requeue=True))
+            await self.publisher.send(
+                topology.DEAD_LETTER_EXCHANGE, self.queue, delivery.body, properties
+            )
+        except PublishFailedError as exc:
+            log.warning("could not move %s (%s); requeueing", delivery.message_id, exc)
+            await self.acks.nack(delivery.tag)
             return
-        await _settle(incoming.ack())
+        self.acks.ack(delivery.tag)
 
 
 async def _settle(outcome: Awaitable[None]) -> None:

@@ -8,16 +8,19 @@ from pathlib import Path
 from messages.errors import SagaError
 
 
-def open_sqlite(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+def open_sqlite(
+    path: Path, *, readonly: bool = False, any_thread: bool = False
+) -> sqlite3.Connection:
     """A connection in WAL mode with full fsync: a committed saga survives a power cut.
 
     ``readonly`` also works where nothing can be written, not even SQLite's ``-shm`` file:
-    a read-only copy of the data, or a read-only mount.
+    a read-only copy of the data, or a read-only mount. ``any_thread``: the connection may
+    be used from another thread than its creator's (one at a time: the caller locks).
     """
     if readonly:
         return _open_readonly(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path)
+    conn = sqlite3.connect(path, check_same_thread=not any_thread)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=5000")

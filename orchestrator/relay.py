@@ -1,8 +1,10 @@
 """The outbox relay: publish committed messages, forget them once the broker confirms.
 
-Publishing never waits for the previous confirm: rows go out as soon as they are committed,
-confirms come back asynchronously, and confirmed rows are deleted by the next commit of
-saga state (no fsync of their own), or after a quiet moment. A row whose publish fails (no
+Rows are handed over straight from memory once their commit is on disk (``send``); the
+outbox table is read only at start, for what an earlier run left unpublished. Publishing
+never waits for the previous confirm: confirms come back asynchronously, and confirmed rows
+are deleted by the next commit of saga state (no fsync of their own), or after a quiet
+moment. A row whose publish fails (no
 connection, unroutable, nacked, or no confirm in time) is retried on its own, with backoff,
 so one row that cannot be published never holds up the others. Participants dedupe by
 command id, so a row sent twice does no harm.
@@ -13,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-
-from aio_pika.abc import AbstractExchange
 
 from messages import amqp, tracing
 from messages.logs import saga_context
@@ -38,9 +39,9 @@ class _Retry:
 
 
 class OutboxRelay:
-    """Runs until cancelled; ``wake()`` after each commit that queued messages.
+    """Runs until cancelled; ``send`` it the rows of each commit once it is on disk.
 
-    Publishes only while attached to a connection's exchanges (``attach``/``detach``).
+    Publishes only while attached to a connection (``attach``/``detach``).
     ``on_confirmed`` hears of every confirmed row. A failed row that ``still_wanted`` no
     longer wants (its saga has moved on) is deleted instead of retried.
     """
@@ -58,18 +59,24 @@ class OutboxRelay:
         self.still_wanted = still_wanted  # asked before a retry: has the saga moved on?
         self.publish_timeout_s = publish_timeout_s
         self.max_retry_s = max_retry_s
-        self._exchanges: dict[str, AbstractExchange] | None = None
+        self._publisher: amqp.Publisher | None = None
         self._attached = asyncio.Event()
         self._ready = asyncio.Event()
-        self._cursor = 0  # highest row id read from the store
-        self._confirmed: list[int] = []
+        self._queue: deque[OutboxMessage] = deque()  # committed, not yet handed to the broker
+        # Rows an earlier run left in the outbox are read from it, up to this id; later ones
+        # come through ``send``.
+        self._backlog_until = store.outbox_last_id()
+        self._cursor = 0  # highest backlog row id read from the store
+        # Confirmed rows, taken by the writer thread's next commit: a deque, since appends on
+        # the loop and pops in the writer need no lock.
+        self._confirmed: deque[int] = deque()
         self._retries: dict[int, _Retry] = {}
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def attach(self, exchanges: dict[str, AbstractExchange]) -> None:
-        """A connection is up: publish through these exchanges, failed rows first."""
-        self._exchanges = exchanges
+    def attach(self, publisher: amqp.Publisher) -> None:
+        """A connection is up: publish through it, failed rows first."""
+        self._publisher = publisher
         now = time.monotonic()
         for retry in self._retries.values():
             if retry.due != float("inf"):  # not one in flight: that would publish it twice
@@ -79,20 +86,24 @@ class OutboxRelay:
 
     def detach(self) -> None:
         """The connection is gone: hold everything until the next ``attach``."""
-        self._exchanges = None
+        self._publisher = None
         self._attached.clear()
 
-    def wake(self) -> None:
+    def send(self, rows: Iterable[OutboxMessage]) -> None:
+        """Publish these committed rows."""
+        self._queue.extend(rows)
         self._ready.set()
 
     def done(self, ids: list[int]) -> None:
-        """Rows a failed commit could not delete: delete them later."""
+        """Rows a failed commit could not delete: delete them later. Any thread."""
         self._confirmed.extend(ids)
 
     def take_confirmed(self) -> list[int]:
-        """Confirmed rows, for the caller's next commit to delete."""
-        done, self._confirmed = self._confirmed, []
-        return done
+        """Confirmed rows, for the caller's next commit to delete. Any thread."""
+        taken = []
+        while self._confirmed:
+            taken.append(self._confirmed.popleft())
+        return taken
 
     async def run(self) -> None:
         try:
@@ -100,7 +111,7 @@ class OutboxRelay:
                 await self._attached.wait()
                 self._ready.clear()
                 try:
-                    rows = self._due_retries() + self.store.outbox(BATCH, after=self._cursor)
+                    rows = self._due_retries() + self._backlog() + self._take(BATCH)
                 except Exception:
                     log.exception("reading the outbox failed; trying again")
                     await asyncio.sleep(self.max_retry_s / 10)
@@ -109,15 +120,28 @@ class OutboxRelay:
                     await self._idle()
                     continue
                 for row in rows:
-                    assert row.id is not None
                     await self._slots.acquire()
-                    self._cursor = max(self._cursor, row.id)
                     task = asyncio.create_task(self._publish(row))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
         finally:
             for task in self._tasks:
                 task.cancel()
+
+    def _backlog(self) -> list[OutboxMessage]:
+        """The next rows an earlier run left in the outbox, if any are left to read."""
+        if self._cursor >= self._backlog_until:
+            return []
+        rows = self.store.outbox(BATCH, after=self._cursor)
+        ids = [row.id or 0 for row in rows]
+        self._cursor = max(ids, default=self._backlog_until)
+        return [row for row, i in zip(rows, ids, strict=True) if i <= self._backlog_until]
+
+    def _take(self, limit: int) -> list[OutboxMessage]:
+        rows: list[OutboxMessage] = []
+        while self._queue and len(rows) < limit:
+            rows.append(self._queue.popleft())
+        return rows
 
     def _due_retries(self) -> list[OutboxMessage]:
         now = time.monotonic()
@@ -146,10 +170,10 @@ class OutboxRelay:
     async def _publish(self, row: OutboxMessage) -> None:
         assert row.id is not None
         try:
-            if self._exchanges is None:
+            if self._publisher is None:
                 raise ConnectionError("not connected")
-            await amqp.publish(
-                self._exchanges[row.exchange],
+            await self._publisher.publish(
+                row.exchange,
                 row.wire,
                 row.routing_key,
                 mandatory=row.mandatory,
@@ -195,8 +219,8 @@ class OutboxRelay:
         return float(min(FIRST_RETRY_S * 2 ** min(failures - 1, 30), self.max_retry_s))
 
     def _flush(self) -> None:
-        if self._confirmed:
-            done, self._confirmed = self._confirmed, []
+        done = self.take_confirmed()
+        if done:
             try:
                 self.store.outbox_done(done)
             except Exception:

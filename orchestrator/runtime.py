@@ -1,26 +1,31 @@
 """The orchestrator's I/O: consume requests and replies, fire deadlines, relay the outbox.
 
-Every event follows the same path: load the saga, ask the engine, commit the new state and
-its outgoing messages in one transaction, then ack. Events that arrive in the same loop turn
-share one transaction (group commit). The outbox relay publishes what was committed, with
-confirms, and deletes each row only once the broker has it; the confirm times of commands
-are kept, so a deadline counts from when the broker took the command. A lost connection is
-set up again from scratch (``amqp.run_connected``); the timer and the store carry on meanwhile.
+Every event follows the same path: take the saga's latest state (kept in memory while it
+runs), ask the engine, commit the new state and its outgoing messages in one transaction,
+then ack. Commits run in a writer thread; the events that arrive during one commit share
+the next (group commit). Once a commit is on disk, its messages go to the outbox relay from
+memory, which publishes them with confirms and deletes each row only once the broker has
+it; the confirm times of commands are kept, so a deadline counts from when the broker took
+the command.
+
+This process owns every saga in its store (a lock file, and exclusive consumers, make sure
+it is the only one), which is what lets it keep running sagas in memory. Several
+orchestrators would each own a share of the sagas (a partition) and keep only those; handing
+a partition over means dropping its sagas from memory and reading them back from the store.
+A lost connection is set up again from scratch (``amqp.run_connected``); the timer and the
+store carry on meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from messages import amqp, topology, tracing
 from messages import health as liveness
-from messages.amqp import Exchanges
 from messages.batching import GroupCommit
 from messages.codec import encode
 from messages.errors import Rejected, SagaNotFoundError, UnreadableSagaError
@@ -90,10 +95,14 @@ class Orchestrator:
         self.store = store
         self.definition = definition_from(settings)
         self.reply_users = settings.reply_users
-        self._group: GroupCommit[engine.Decision, None] = GroupCommit(self._commit)
+        self._group: GroupCommit[engine.Decision, list[OutboxMessage]] = GroupCommit(
+            self._write, self._committed, name="saga-writer"
+        )
         # Decided but not yet committed, with the commit to wait for: a second event for the
         # same saga in the same batch must build on the first one's state, not the stored one.
-        self._uncommitted: dict[UUID, tuple[engine.SagaState, asyncio.Future[None]]] = {}
+        self._uncommitted: dict[
+            UUID, tuple[engine.SagaState, asyncio.Future[list[OutboxMessage]]]
+        ] = {}
         # Running sagas as last committed, so an event need not read and parse its saga back
         # from the store. Safe because this process alone writes the store (its lock); with
         # several orchestrators each would keep only the sagas it owns.
@@ -109,7 +118,7 @@ class Orchestrator:
             settings.publish_timeout_s,
             settings.max_retry_wait_s,
         )
-        self._exchanges: Exchanges | None = None
+        self._publisher: amqp.Publisher | None = None
 
     def now(self) -> datetime:
         return datetime.now(UTC)
@@ -131,38 +140,31 @@ class Orchestrator:
         connected = amqp.run_connected(
             self.settings, "orchestrator", self._setup, health, self._relay.detach
         )
-        await run_service_tasks(
-            {
-                "outbox-relay": self._relay.run(),
-                "deadline-timer": self._timer(),
-                "health": health.run(),
-                "connection": connected,
-            }
-        )
+        try:
+            await run_service_tasks(
+                {
+                    "outbox-relay": self._relay.run(),
+                    "deadline-timer": self._timer(),
+                    "health": health.run(),
+                    "connection": connected,
+                }
+            )
+        finally:
+            self._group.close()  # the commit in progress finishes before the store closes
 
     async def _setup(self, session: amqp.Session) -> None:
         """On each new connection: declare, consume (exclusively), and let the relay publish."""
         publish_channel = await session.channel(confirms=True)
-        exchanges = self._exchanges = await amqp.declare_topology(
-            publish_channel, self.settings.declare_topology
-        )
-        consume_channel = await session.channel(prefetch=self.settings.prefetch)
+        await amqp.declare_topology(publish_channel, self.settings.declare_topology)
+        publisher = self._publisher = await amqp.Publisher.on(publish_channel)
         for queue, handler in (
             (topology.REQUESTS_QUEUE, self.on_request),
             (topology.REPLIES_QUEUE, self.on_reply),
         ):
             # Exclusive: a second orchestrator on this vhost is refused instead of splitting
             # the sagas with a store that knows nothing of them.
-            await session.consume(
-                consume_channel, queue, exchanges, handler, self.settings, exclusive=True
-            )
-        self._relay.attach(
-            {
-                topology.COMMANDS_EXCHANGE: exchanges.commands,
-                topology.EVENTS_EXCHANGE: exchanges.events,
-                "": exchanges.default,
-            }
-        )
+            await session.consume(queue, publisher, handler, self.settings, exclusive=True)
+        self._relay.attach(publisher)
         log.info(
             "orchestrator ready: consuming %s and %s on %s",
             topology.REQUESTS_QUEUE,
@@ -170,7 +172,7 @@ class Orchestrator:
             amqp.redact(self.settings.amqp_url),
         )
 
-    async def on_request(self, message: AnyMessage, incoming: AbstractIncomingMessage) -> None:
+    async def on_request(self, message: AnyMessage, incoming: amqp.Delivery) -> None:
         """A PlaceOrder starts a saga (a repeated one gets the result too); operators abort."""
         check_reply_to(incoming.reply_to)
         if isinstance(message, AbortSaga):
@@ -187,7 +189,7 @@ class Orchestrator:
 
         await self._decide(message.saga_id, decide)
 
-    async def on_reply(self, message: AnyMessage, incoming: AbstractIncomingMessage) -> None:
+    async def on_reply(self, message: AnyMessage, incoming: amqp.Delivery) -> None:
         """Apply a participant's reply to its saga, if it comes from that participant."""
         if not isinstance(message, Reply):
             raise Rejected("unexpected_type", f"{message.type} does not belong on replies")
@@ -233,10 +235,10 @@ class Orchestrator:
             refusal = await self._decide(action.saga_id, decide)
         except SagaNotFoundError as exc:
             refusal = str(exc)
-        if refusal and reply_to and self._exchanges:
+        if refusal and reply_to and self._publisher:
             answer = ActionRefused(saga_id=action.saga_id, action=action.type, detail=refusal)
-            await amqp.publish(
-                self._exchanges.default,
+            await self._publisher.publish(
+                "",
                 answer,
                 reply_to,
                 mandatory=False,
@@ -297,37 +299,45 @@ class Orchestrator:
         except UnreadableSagaError as exc:  # the store has quarantined it
             raise Rejected("unreadable_saga", str(exc)) from exc
 
-    def _commit(self, decisions: list[engine.Decision]) -> list[Exception | None]:
+    def _write(self, decisions: list[engine.Decision]) -> list[list[OutboxMessage] | Exception]:
+        """In the writer thread: commit a batch; one bad decision never fails its neighbours."""
         # Deleting published outbox rows here spares them a transaction (an fsync) of their own.
         confirmed = self._relay.take_confirmed()
-        results: list[Exception | None] = [None] * len(decisions)
         try:
-            self.store.commit_many([(d.state, to_outbox(d)) for d in decisions], confirmed)
+            return list(
+                self.store.commit_many([(d.state, to_outbox(d)) for d in decisions], confirmed)
+            )
         except Exception:
             self._relay.done(confirmed)
-            # One bad decision must not fail its neighbours: commit each on its own.
-            results = [self._commit_one(d) for d in decisions]
-        finally:
-            self._uncommitted.clear()  # committed, or failed and to be redelivered
+            return [self._write_one(d) for d in decisions]
+
+    def _write_one(self, decision: engine.Decision) -> list[OutboxMessage] | Exception:
+        try:
+            return self.store.commit_many([(decision.state, to_outbox(decision))])[0]
+        except Exception as exc:
+            return exc
+
+    def _committed(
+        self,
+        decisions: list[engine.Decision],
+        results: Sequence[list[OutboxMessage] | Exception],
+    ) -> None:
+        """On the loop, once a batch is on disk (or failed): memory follows, messages go."""
         for decision, result in zip(decisions, results, strict=True):
             state = decision.state
-            if result is None and not state.status.finished:
-                self._running[state.saga_id] = state.model_copy(
-                    update={"version": state.version + 1}
-                )
-            else:  # finished, or failed: the store has the truth
+            stored = state.model_copy(update={"version": state.version + 1})
+            uncommitted = self._uncommitted.get(state.saga_id)
+            if uncommitted and uncommitted[0].version == stored.version:
+                del self._uncommitted[state.saga_id]  # a later decision's entry stays
+            if isinstance(result, Exception) or state.status.finished:
+                # Failed (to be redelivered; the store has the truth), or done with.
                 self._running.pop(state.saga_id, None)
                 if state.status.finished:
                     self._confirmed.pop(state.saga_id, None)
-        self._relay.wake()
-        return results
-
-    def _commit_one(self, decision: engine.Decision) -> Exception | None:
-        try:
-            self.store.commit_many([(decision.state, to_outbox(decision))])
-        except Exception as exc:
-            return exc
-        return None
+            else:
+                self._running[state.saga_id] = stored
+            if not isinstance(result, Exception):
+                self._relay.send(result)
 
     async def _timer(self) -> None:
         """Fire passed deadlines; an error with one saga never stops the others or the timer."""

@@ -7,9 +7,11 @@ PostgreSQL store for several replicas can implement the same protocol.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -67,10 +69,12 @@ class SagaStore(Protocol):
         self,
         changes: Sequence[tuple[SagaState, Sequence[OutboxMessage]]],
         published: Sequence[int] = (),
-    ) -> None:
+    ) -> list[list[OutboxMessage]]:
         """Commit several (state, outbox) changes in one transaction: all or none.
 
         ``published`` outbox rows (confirmed by the broker) are deleted in the same go.
+        Returns each change's outbox as stored (with ids). May be called from a thread of
+        its own (the writer) while other methods are called from the event loop.
         """
         ...
 
@@ -93,6 +97,10 @@ class SagaStore(Protocol):
     def outbox(self, limit: int, after: int = 0) -> list[OutboxMessage]: ...
 
     def outbox_done(self, ids: Iterable[int]) -> None: ...
+
+    def outbox_last_id(self) -> int:
+        """The highest id in the outbox (0 when empty): rows after it are new."""
+        ...
 
     def outbox_depth(self) -> int: ...
 
@@ -147,20 +155,27 @@ def _ts(value: datetime | None) -> float | None:
 
 
 class SqliteStore:
-    """SagaStore in one SQLite file."""
+    """SagaStore in one SQLite file.
+
+    Two connections: writes go through one, under a lock, from whichever thread commits
+    (the runtime's writer thread, mostly); reads go through the other, so the event loop
+    reads the latest committed state (WAL) without waiting for a commit's fsync.
+    """
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self._lock = None if readonly else _lock_exclusively(path)
-        self._db = open_sqlite(path, readonly=readonly)
+        self._db = open_sqlite(path, readonly=readonly, any_thread=True)
+        self._read = self._db if readonly else open_sqlite(path)
+        self._writing = threading.Lock()
         if not readonly:
-            with self._db:
+            with self._writing, self._db:
                 self._db.executescript(_SCHEMA)
                 columns = {row[1] for row in self._db.execute("PRAGMA table_info(sagas)")}
                 if "waiting_since" not in columns:  # stores made before "stuck" existed
                     self._db.execute("ALTER TABLE sagas ADD COLUMN waiting_since REAL")
 
     def get(self, saga_id: UUID) -> SagaState | None:
-        row = self._db.execute(
+        row = self._read.execute(
             "SELECT state, status FROM sagas WHERE saga_id = ?", (str(saga_id),)
         ).fetchone()
         if row is None:
@@ -182,13 +197,12 @@ class SqliteStore:
         self,
         changes: Sequence[tuple[SagaState, Sequence[OutboxMessage]]],
         published: Sequence[int] = (),
-    ) -> None:
-        with self._db:
+    ) -> list[list[OutboxMessage]]:
+        with self._writing, self._db:
             self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in published])
-            for state, outbox in changes:
-                self._write(state, outbox)
+            return [self._write(state, outbox) for state, outbox in changes]
 
-    def _write(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> None:
+    def _write(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> list[OutboxMessage]:
         stored = state.model_copy(update={"version": state.version + 1})
         values = (
             stored.status.value,
@@ -218,10 +232,11 @@ class SqliteStore:
             ).rowcount
             if updated != 1:
                 raise ConcurrentUpdateError(f"saga {state.saga_id} changed since it was read")
-        self._db.executemany(
-            "INSERT INTO outbox (saga_id, exchange, routing_key, mandatory, traceparent, type,"
-            " message_id, content_type, timestamp, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            [
+        stored_rows = []
+        for m in outbox:
+            row_id = self._db.execute(
+                "INSERT INTO outbox (saga_id, exchange, routing_key, mandatory, traceparent,"
+                " type, message_id, content_type, timestamp, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
                     str(state.saga_id),
                     m.exchange,
@@ -233,13 +248,13 @@ class SqliteStore:
                     m.wire.content_type,
                     m.wire.timestamp,
                     m.wire.body,
-                )
-                for m in outbox
-            ],
-        )
+                ),
+            ).lastrowid
+            stored_rows.append(dataclasses.replace(m, id=row_id))
+        return stored_rows
 
     def due(self, now: datetime, limit: int) -> list[SagaState]:
-        rows = self._db.execute(
+        rows = self._read.execute(
             "SELECT saga_id, state FROM sagas WHERE deadline <= ? ORDER BY deadline LIMIT ?",
             (now.timestamp(), limit),
         ).fetchall()
@@ -253,7 +268,7 @@ class SqliteStore:
 
     def quarantine(self, saga_id: UUID, why: str) -> None:
         log.error("saga %s quarantined: %s", saga_id, why, extra={"saga_id": str(saga_id)})
-        with self._db:
+        with self._writing, self._db:
             self._db.execute(
                 # A new version, so a decision about to commit on the old state fails.
                 "UPDATE sagas SET status = ?, reason = ?, deadline = NULL, waiting_since = NULL,"
@@ -262,7 +277,7 @@ class SqliteStore:
             )
 
     def quarantined(self, limit: int) -> list[tuple[str, str, datetime]]:
-        rows = self._db.execute(
+        rows = self._read.execute(
             "SELECT saga_id, reason, updated_at FROM sagas WHERE status = ?"
             " ORDER BY updated_at DESC LIMIT ?",
             (SagaStatus.QUARANTINED.value, limit),
@@ -271,11 +286,11 @@ class SqliteStore:
 
     def stuck(self, now: datetime, after_s: float) -> int:
         cutoff = now.timestamp() - after_s
-        row = self._db.execute("SELECT count(*) FROM sagas WHERE waiting_since <= ?", (cutoff,))
+        row = self._read.execute("SELECT count(*) FROM sagas WHERE waiting_since <= ?", (cutoff,))
         return int(row.fetchone()[0])
 
     def outbox(self, limit: int, after: int = 0) -> list[OutboxMessage]:
-        rows = self._db.execute(
+        rows = self._read.execute(
             "SELECT id, saga_id, exchange, routing_key, mandatory, traceparent, type, message_id,"
             " content_type, timestamp, body FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
             (after, limit),
@@ -299,16 +314,19 @@ class SqliteStore:
             for row in rows
         ]
 
+    def outbox_last_id(self) -> int:
+        return int(self._read.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0])
+
     def outbox_done(self, ids: Iterable[int]) -> None:
-        with self._db:
+        with self._writing, self._db:
             self._db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
 
     def outbox_depth(self) -> int:
-        return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        return int(self._read.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
     def outbox_holds(self, message_id: str) -> bool:
         # No index: asked only when a deadline passes, and the outbox is short.
-        row = self._db.execute("SELECT 1 FROM outbox WHERE message_id = ? LIMIT 1", (message_id,))
+        row = self._read.execute("SELECT 1 FROM outbox WHERE message_id = ? LIMIT 1", (message_id,))
         return row.fetchone() is not None
 
     def sagas(
@@ -325,7 +343,7 @@ class SqliteStore:
         where.append("status != ?")  # quarantined ones cannot be read: see quarantined()
         args.append(SagaStatus.QUARANTINED.value)
         clause = f" WHERE {' AND '.join(where)}"
-        rows = self._db.execute(
+        rows = self._read.execute(
             f"SELECT saga_id, state FROM sagas{clause} ORDER BY created_at DESC LIMIT ?",
             (*args, limit),
         )
@@ -338,7 +356,7 @@ class SqliteStore:
         return listed
 
     def counts(self) -> dict[str, int]:
-        return dict(self._db.execute("SELECT status, count(*) FROM sagas GROUP BY status"))
+        return dict(self._read.execute("SELECT status, count(*) FROM sagas GROUP BY status"))
 
     def stats(self) -> SagaStats:
         by_status = self.counts()
@@ -346,7 +364,7 @@ class SqliteStore:
         marks = ",".join("?" * len(finished))
         by_outcome = {
             f"{status} {reason or ''}".strip(): count
-            for status, reason, count in self._db.execute(
+            for status, reason, count in self._read.execute(
                 f"SELECT status, reason, count(*) FROM sagas WHERE status IN ({marks})"
                 " GROUP BY status, reason ORDER BY count(*) DESC",
                 finished,
@@ -354,11 +372,11 @@ class SqliteStore:
         }
         durations = sorted(
             row[0]
-            for row in self._db.execute(
+            for row in self._read.execute(
                 f"SELECT updated_at - created_at FROM sagas WHERE status IN ({marks})", finished
             )
         )
-        oldest = self._db.execute(
+        oldest = self._read.execute(
             "SELECT state FROM sagas WHERE status IN (?, ?) ORDER BY created_at LIMIT 1",
             (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value),
         ).fetchone()
@@ -370,6 +388,8 @@ class SqliteStore:
         )
 
     def close(self) -> None:
+        if self._read is not self._db:
+            self._read.close()
         self._db.close()
         if self._lock is not None:
             os.close(self._lock)

@@ -7,6 +7,7 @@ a redelivered command gets the original reply back and has no second effect.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import sqlite3
@@ -18,16 +19,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import Counter, Histogram
 
 from messages import amqp, topology, tracing
 from messages import health as liveness
-from messages.amqp import Exchanges
 from messages.batching import GroupCommit
 from messages.codec import decode
 from messages.errors import Rejected
-from messages.logs import saga_context
 from messages.models import AnyMessage, Command, CommandFailed, CommandSucceeded, Reply
 from messages.service import run_all
 from messages.settings import BrokerSettings, ServiceSettings
@@ -94,7 +92,8 @@ def open_db(path: Path, schema: str) -> sqlite3.Connection:
     always commit together.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None)
+    # Used by the participant's writer thread, after its creator (the main thread) seeds it.
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA busy_timeout=5000")
@@ -126,24 +125,26 @@ class Handled:
 
 
 def apply_batch(
-    participant: Participant, db: sqlite3.Connection, commands: list[Command]
+    participant: Participant,
+    db: sqlite3.Connection,
+    commands: list[tuple[Command, contextvars.Context]],
 ) -> list[Handled | Exception]:
     """Handle commands in one transaction (one fsync), each exactly once.
 
     Each command runs in its own savepoint, so one that raises is undone alone and gets its
-    exception back while the others commit.
+    exception back while the others commit; and in the context it was received in (saga id
+    and trace for the logs), though this runs in the writer thread.
     """
     results: list[Handled | Exception] = []
     with transaction(db):
-        for command in commands:
-            with saga_context(command.saga_id, step=command.type, message_id=command.message_id):
-                db.execute("SAVEPOINT command")
-                try:
-                    results.append(_apply(participant, db, command))
-                except Exception as exc:
-                    db.execute("ROLLBACK TO command")
-                    results.append(exc)
-                db.execute("RELEASE command")
+        for command, context in commands:
+            db.execute("SAVEPOINT command")
+            try:
+                results.append(context.run(_apply, participant, db, command))
+            except Exception as exc:
+                db.execute("ROLLBACK TO command")
+                results.append(exc)
+            db.execute("RELEASE command")
     return results
 
 
@@ -215,44 +216,51 @@ async def serve(
 
     async def setup(session: amqp.Session) -> None:
         publish_channel = await session.channel(confirms=True)
-        exchanges = await amqp.declare_topology(publish_channel, settings.declare_topology)
+        await amqp.declare_topology(publish_channel, settings.declare_topology)
+        publisher = await amqp.Publisher.on(publish_channel)
         for participant in participants:
-            channel = await session.channel(prefetch=settings.prefetch)
-            db = dbs[participant.name]
-            handler = _on_command(participant, db, exchanges, faults, login, settings)
+            group = groups[participant.name]
+            handler = _on_command(participant, group, publisher, faults, login, settings)
             queue = topology.command_queue(participant.name)
-            await session.consume(channel, queue, exchanges, handler, settings)
+            await session.consume(queue, publisher, handler, settings)
             url = amqp.redact(settings.amqp_url)
             log.info("%s ready: consuming %s on %s", participant.name, queue, url)
 
+    # Each participant's commits run in a writer thread of its own, which alone uses its db.
+    groups = {
+        p.name: GroupCommit[tuple[Command, contextvars.Context], Handled](
+            functools.partial(apply_batch, p, dbs[p.name]), name=f"{p.name}-writer"
+        )
+        for p in participants
+    }
     queues = [topology.command_queue(p.name) for p in participants]
     health = liveness.Health(liveness.path(settings.data_dir, health_name), queues)
     connected = amqp.run_connected(settings, f"workers:{health_name}", setup, health)
-    await run_all({"health": health.run(), "connection": connected})
+    try:
+        await run_all({"health": health.run(), "connection": connected})
+    finally:
+        for group in groups.values():
+            group.close()  # the commit in progress finishes before the databases close
 
 
 def _on_command(
     participant: Participant,
-    db: sqlite3.Connection,
-    exchanges: Exchanges,
+    group: GroupCommit[tuple[Command, contextvars.Context], Handled],
+    publisher: amqp.Publisher,
     faults: Faults,
     login: str,
     settings: BrokerSettings,
 ) -> amqp.Handler:
-    group: GroupCommit[Command, Handled] = GroupCommit(
-        functools.partial(apply_batch, participant, db)
-    )
-
-    async def on_command(message: AnyMessage, incoming: AbstractIncomingMessage) -> None:
+    async def on_command(message: AnyMessage, delivery: amqp.Delivery) -> None:
         if not isinstance(message, Command):
             raise Rejected("unexpected_type", f"{message.type} is not a command")
         began = time.perf_counter()
-        handled = await group.submit(message)
+        handled = await group.submit((message, contextvars.copy_context()))
         headers = tracing.outgoing()
 
         async def reply() -> None:
-            await amqp.publish(
-                exchanges.replies,
+            await publisher.publish(
+                topology.REPLIES_EXCHANGE,
                 handled.reply,
                 topology.REPLY_ROUTING_KEY,
                 headers=headers,

@@ -6,7 +6,6 @@ import asyncio
 import uuid
 
 import pytest
-from aio_pika.abc import AbstractIncomingMessage
 
 from messages import amqp, topology
 from messages.models import AnyMessage, Money, PlaceOrder
@@ -27,16 +26,20 @@ def test_a_message_that_always_fails_is_dead_lettered_after_max_deliveries(amqp_
         amount=Money(amount="1.00"),
     )  # type: ignore[arg-type]
 
-    async def always_fails(message: AnyMessage, incoming: AbstractIncomingMessage) -> None:
+    async def always_fails(message: AnyMessage, delivery: amqp.Delivery) -> None:
         calls.append(str(message.message_id))
         raise RuntimeError("the database is on fire")
 
     async def run() -> None:
         connection = await amqp.connect(settings, "test")
         async with connection:
-            channel = await connection.channel()
-            exchanges = await amqp.declare_topology(channel)
-            await amqp.consume(channel, topology.REQUESTS_QUEUE, exchanges, always_fails, settings)
+            channel = await connection.channel(publisher_confirms=True)
+            await amqp.declare_topology(channel)
+            publisher = await amqp.Publisher.on(channel)
+            consuming = await (await connection.channel()).get_underlay_channel()
+            await amqp.consume(
+                consuming, topology.REQUESTS_QUEUE, publisher, always_fails, settings
+            )
             with amqp_channel(amqp_url) as publisher:
                 send(publisher, topology.REQUESTS_EXCHANGE, topology.REQUEST_ROUTING_KEY, order)
             for _ in range(100):  # until it is dead-lettered, or 10 s
@@ -59,3 +62,55 @@ def test_a_message_that_always_fails_is_dead_lettered_after_max_deliveries(amqp_
     assert props.headers[topology.DELIVERIES_HEADER] == 3
     assert props.message_id == str(order.message_id)
     assert body == order.model_dump_json().encode()
+
+
+def test_a_message_still_being_handled_is_never_acked_by_a_later_ones_ack(amqp_url: str) -> None:
+    """Acks go several at once (multiple=True), but never past a delivery still in hand.
+
+    The first order's handler never finishes; the four after it do. When the consumer goes
+    away, the first one must still be on the queue (a later ack that covered it would have
+    lost an order), and only the first: the others were acked, though behind it.
+    """
+    settings = BrokerSettings(amqp_url=amqp_url)
+    orders = [
+        PlaceOrder(
+            saga_id=uuid.uuid4(),
+            customer_id="c-1",
+            sku="item-1",
+            quantity=1,
+            amount=Money(amount="1.00"),
+        )  # type: ignore[arg-type]
+        for _ in range(5)
+    ]
+    handled: list[str] = []
+
+    async def first_one_hangs(message: AnyMessage, delivery: amqp.Delivery) -> None:
+        if message.message_id == orders[0].message_id:
+            await asyncio.Event().wait()  # until the connection closes under it
+        handled.append(str(message.message_id))
+
+    async def run() -> None:
+        connection = await amqp.connect(settings, "test")
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            await amqp.declare_topology(channel)
+            publisher = await amqp.Publisher.on(channel)
+            consuming = await (await connection.channel()).get_underlay_channel()
+            await amqp.consume(
+                consuming, topology.REQUESTS_QUEUE, publisher, first_one_hangs, settings
+            )
+            with amqp_channel(amqp_url) as sender:
+                for order in orders:
+                    send(sender, topology.REQUESTS_EXCHANGE, topology.REQUEST_ROUTING_KEY, order)
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if len(handled) == 4:
+                    break
+            await asyncio.sleep(0.3)  # time for any (wrong) ack to reach the broker
+
+    asyncio.run(run())
+
+    assert len(handled) == 4
+    with amqp_channel(amqp_url) as channel:
+        back = drain(channel, topology.REQUESTS_QUEUE, len(orders), timeout=1)
+    assert [props.message_id for props, _ in back] == [str(orders[0].message_id)]

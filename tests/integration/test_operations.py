@@ -144,7 +144,13 @@ def test_metrics_count_what_happened(stack: Stack) -> None:
     stack.place_order(*ORDER, "--amount", "25.00")
     stack.place_order(*ORDER, "--amount", "5000.00")
 
-    samples = scrape(orchestrator_port)
+    # Published rows leave the outbox once confirmed, with the next commit or after a quiet
+    # moment: a little after the result has reached its client.
+    for _ in range(50):
+        samples = scrape(orchestrator_port)
+        if samples["saga_outbox_depth"] == 0:
+            break
+        time.sleep(0.1)
     assert samples["saga_started_total"] == 3
     assert samples['saga_finished_total{outcome="COMPLETED"}'] == 2
     assert samples['saga_finished_total{outcome="COMPENSATED"}'] == 1
@@ -157,8 +163,15 @@ def test_metrics_count_what_happened(stack: Stack) -> None:
     )
     assert samples['saga_step_duration_seconds_count{outcome="failed",step="charge_payment"}'] == 1
 
-    workers = scrape(workers_port)
+    # A participant counts a command once its reply is confirmed, which may come a moment
+    # after the orchestrator has the reply and the saga has ended.
     key = 'saga_commands_total{command="%s",outcome="%s",participant="%s"}'
+    last_reply = key % ("CompleteOrder", "CommandSucceeded", "order")
+    for _ in range(50):
+        workers = scrape(workers_port)
+        if workers.get(last_reply) == 2:
+            break
+        time.sleep(0.1)
     assert workers[key % ("ReserveStock", "CommandSucceeded", "inventory")] == 3
     assert workers[key % ("ChargePayment", "CommandFailed", "payment")] == 1
     assert workers[key % ("CompleteOrder", "CommandSucceeded", "order")] == 2

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Sequence
 
 from messages.batching import GroupCommit
 
@@ -35,3 +37,45 @@ def test_what_arrives_in_one_loop_turn_is_one_batch() -> None:
 
 def test_an_item_that_fails_fails_alone() -> None:
     assert batches_of("one fails alone") == [["a", "bad"]]
+
+
+def test_what_arrives_during_a_commit_is_the_next_batch() -> None:
+    """The commit runs in its thread; the loop goes on and gathers the next batch meanwhile."""
+    seen: list[list[int]] = []
+    first_started = threading.Event()
+    release = threading.Event()
+
+    def process(items: list[int]) -> list[int | Exception]:
+        seen.append(list(items))
+        first_started.set()
+        release.wait(5)  # the fsync: the event loop is not blocked by it
+        return items
+
+    async def main() -> None:
+        group: GroupCommit[int, int] = GroupCommit(process)
+        first = group.enqueue(1)
+        while not first_started.is_set():
+            await asyncio.sleep(0.001)
+        later = [group.enqueue(n) for n in (2, 3, 4)]
+        release.set()
+        assert await asyncio.gather(first, *later) == [1, 2, 3, 4]
+        group.close()
+
+    asyncio.run(main())
+    assert seen == [[1], [2, 3, 4]]
+
+
+def test_done_runs_on_the_loop_before_the_waiters_wake() -> None:
+    order: list[str] = []
+
+    def done(items: list[str], results: Sequence[str | Exception]) -> None:
+        order.append(f"done {items} in {threading.current_thread().name}")
+
+    async def main() -> None:
+        group: GroupCommit[str, str] = GroupCommit(lambda items: items, done)
+        await group.submit("a")
+        order.append("woken")
+        group.close()
+
+    asyncio.run(main())
+    assert order == [f"done ['a'] in {threading.main_thread().name}", "woken"]
