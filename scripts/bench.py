@@ -9,6 +9,7 @@ an exclusive server-named queue, and the SagaFinished with the same saga id awai
     python scripts/bench.py --start-stack --concurrency 16 --count 5000 --raw
     python scripts/bench.py --url amqp://guest:guest@localhost:5672/bench --concurrency 64
     python scripts/bench.py --start-stack --rate 30 --duration 30 --json > run.json
+    python scripts/bench.py --start-stack --concurrency 1 --count 200 --breakdown --limit
     python scripts/bench.py --markdown benchmarks/results/*.json
 """
 
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -38,6 +39,8 @@ from uuid import UUID, uuid4
 
 import aio_pika
 import aiormq
+import bench_breakdown
+import bench_limit
 from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
 from yarl import URL
 
@@ -142,6 +145,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--raw-prefetch", type=int, default=64, help="--raw: unacked deliveries (SAGA_PREFETCH)"
     )
+    parser.add_argument(
+        "--limit",
+        action="store_true",
+        help="also measure the message-shape limit: the saga's 8 persistent confirmed "
+        "messages through 4 pass-through processes (aiormq on uvloop, no state, no SQLite), "
+        f"closed loop at --concurrency for min(--count, {bench_limit.COUNT_CAP}) sagas, after "
+        "the rest; reports limit_ratio = finished/s over the limit's",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="after the measurement, run --breakdown-count more sagas (none declined) and "
+        "report where each millisecond of their path goes, per hop: a tap queue (exclusive, "
+        "not durable, so its copies are never written to disk) sees each command and reply "
+        "as the broker routes it; meant for --concurrency 1",
+    )
+    parser.add_argument(
+        "--breakdown-count", type=int, default=200, help="--breakdown: sagas to time"
+    )
     parser.add_argument("--label", help="name of the run in the --markdown table")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
@@ -175,6 +197,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         problems.append("--raw-seconds must be positive")
     if args.stock < 0:
         problems.append("--stock cannot be negative")
+    if args.breakdown_count < 1:
+        problems.append("--breakdown-count must be at least 1")
     if problems:
         parser.error("; ".join(problems))
     return args
@@ -522,6 +546,9 @@ class SagaClient:
         self.pending: dict[UUID, tuple[asyncio.Future[Sample], float]] = {}
         self.late = 0
         self.lost: BaseException | None = None
+        # --breakdown: called with each result and the wall-clock times of its publish and
+        # receipt (time.time(), comparable with the orchestrator's history on one machine).
+        self.on_result: Callable[[SagaFinished, float, float], None] | None = None
         self._exchange: AbstractExchange | None = None
         self._reply_to = ""
 
@@ -551,6 +578,7 @@ class SagaClient:
 
     async def _on_result(self, incoming: AbstractIncomingMessage) -> None:
         received = time.perf_counter()
+        received_wall = time.time()
         try:
             key = UUID(incoming.correlation_id or "")
         except ValueError:
@@ -569,6 +597,8 @@ class SagaClient:
         if not isinstance(message, SagaFinished) or future.done():
             return
         steps, messages = analyse_history(message.history)
+        if self.on_result is not None:
+            self.on_result(message, received_wall - (received - started), received_wall)
         future.set_result(
             Sample(message.status.value, received - started, steps, messages, message.reason)
         )
@@ -971,6 +1001,8 @@ async def bench(args: argparse.Namespace, url: str, stack: Stack | None) -> dict
             result["cpu_ms_per_saga"] = {
                 name: round(cpu * 1000 / result["finished"], 2) for name, cpu in used.items()
             }
+        if args.breakdown:
+            result["breakdown"] = await measure_breakdown(args, url, client)
         if args.raw:
             status(
                 args, f"raw broker rate: up to {args.raw_count} messages or {args.raw_seconds:g}s"
@@ -995,7 +1027,54 @@ async def bench(args: argparse.Namespace, url: str, stack: Stack | None) -> dict
             result["raw"] = raw
             per_saga = result["messages_per_saga"] or 0.0
             result["ratio"] = round(result["finished_per_s"] * per_saga / raw["messages_per_s"], 3)
+        if args.limit:
+            limit = result["limit"] = await measure_limit(args, url, broker)
+            rate = limit["finished_per_s"]
+            result["limit_ratio"] = round(result["finished_per_s"] / rate, 3) if rate else None
     return result
+
+
+async def measure_breakdown(
+    args: argparse.Namespace, url: str, client: SagaClient
+) -> dict[str, Any]:
+    """--breakdown: more sagas (none declined), timed hop by hop; see bench_breakdown."""
+    status(args, f"breakdown: {args.breakdown_count} sagas at concurrency {args.concurrency}")
+    tap = bench_breakdown.Tap(url)
+    progress = Progress("breakdown", args.breakdown_count)
+    try:
+        await tap.open()
+        client.on_result = tap.on_result
+        samples = await closed_loop(client, args.breakdown_count, args.concurrency, 0.0, progress)
+        await asyncio.sleep(0.2)  # the tap's copies were routed before the results; to be sure
+    finally:
+        client.on_result = None
+        progress.close()
+        await tap.close()
+    breakdown = bench_breakdown.report(
+        tap.collected(), lambda seconds: summary_ms(seconds, (50, 90)), args.concurrency
+    )
+    breakdown["timed_out"] = sum(s.outcome == TIMED_OUT for s in samples)
+    return breakdown
+
+
+async def measure_limit(args: argparse.Namespace, url: str, broker: int | None) -> dict[str, Any]:
+    """--limit: the message-shape limit on this machine and broker; see bench_limit."""
+    count = min(args.count, bench_limit.COUNT_CAP)
+    status(args, f"message-shape limit: {count} sagas at concurrency {args.concurrency}")
+    try:
+        run = await bench_limit.measure_limit(
+            url,
+            count=count,
+            concurrency=args.concurrency,
+            warmup=args.warmup,
+            timeout=args.timeout,
+            prefetch=int(BrokerSettings.model_fields["prefetch"].default),  # as --start-stack
+            cpu=cpu_seconds,
+            other_pids={"rabbitmq": broker} if broker is not None else {},
+        )
+    except bench_limit.LimitError as exc:
+        raise BenchError(f"--limit: {exc}") from exc
+    return run.result(summary_ms)
 
 
 async def warm_up(client: SagaClient, args: argparse.Namespace, stack: Stack | None) -> None:
@@ -1084,6 +1163,10 @@ def params_of(args: argparse.Namespace) -> dict[str, Any]:
             raw_size=args.raw_size,
             raw_prefetch=args.raw_prefetch,
         )
+    if args.breakdown:
+        params.update(breakdown_count=args.breakdown_count)
+    if args.limit:
+        params.update(limit_count=min(args.count, bench_limit.COUNT_CAP))
     return params
 
 
@@ -1177,6 +1260,9 @@ def human(result: dict[str, Any]) -> str:
             f"{_f(result['messages_per_saga'], 2)} msg / {raw['messages_per_s']:.0f} msg/s "
             f"= {result['ratio']:.3f}"
         )
+    lines += bench_limit.limit_lines(result)
+    if "breakdown" in result:
+        lines += bench_breakdown.breakdown_lines(result["breakdown"])
     if result["late_results"]:
         lines.append(f"late        {result['late_results']} result(s) arrived after --timeout")
     return "\n".join(lines)
@@ -1192,7 +1278,7 @@ def markdown(paths: Sequence[Path]) -> str:
     head = (
         "| run | code | load | sagas | completed/s | finished/s | p50 ms | p95 ms | p99 ms "
         "| max ms | outcomes (C/X/F/T) | msg/saga | raw msg/s | ratio "
-        "| orch. RSS MiB start→end |"
+        "| orch. RSS MiB start→end | limit sagas/s (ratio) |"
     )
     rows = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
     for path, r in results:
@@ -1204,6 +1290,10 @@ def markdown(paths: Sequence[Path]) -> str:
             f"{rss['start'] / 1024:.1f} → {rss['end'] / 1024:.1f}"
             if rss.get("start") and rss.get("end")
             else "-"
+        )
+        limit = r.get("limit")
+        limit_text = (
+            f"{_f(limit['finished_per_s'])} ({_f(r.get('limit_ratio'), 2)})" if limit else "-"
         )
         outcomes = "/".join(
             str(out.get(k, 0)) for k in ("COMPLETED", "COMPENSATED", "FAILED", TIMED_OUT)
@@ -1217,7 +1307,7 @@ def markdown(paths: Sequence[Path]) -> str:
             f"| {_f(r['completed_per_s'])} | {_f(r['finished_per_s'])} | {_f(lat['p50'])} "
             f"| {_f(lat['p95'])} | {_f(lat['p99'])} | {_f(lat['max'])} | {outcomes} "
             f"| {_f(r['messages_per_saga'], 2)} | {_f(raw['messages_per_s'], 0) if raw else '-'} "
-            f"| {_f(r.get('ratio'), 2)} | {rss_text} |"
+            f"| {_f(r.get('ratio'), 2)} | {rss_text} | {limit_text} |"
         )
     step_head = (
         "| run | "
@@ -1276,7 +1366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = True
     try:
         with _terminate_as_interrupt():
-            result = asyncio.run(bench(args, url, stack))
+            result = asyncio.run(_cancel_on_terminate(bench(args, url, stack)))
         failed = False
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -1284,7 +1374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BROKER_ERRORS as exc:
         print(f"error: RabbitMQ connection trouble: {exc!r}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         failed = False  # nothing to look into: the data directory goes unless --keep-data
         print("bench: interrupted", file=sys.stderr)
         return 130
@@ -1293,6 +1383,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.stop(failed=failed)
     print(json.dumps(result, indent=2) if args.json else human(result))
     return 0
+
+
+async def _cancel_on_terminate(run: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """While the loop runs, SIGTERM cancels the run as Ctrl-C does: the `finally` blocks
+    can still use the broker (--limit deletes its queues), which a KeyboardInterrupt raised
+    anywhere in the loop would not let them."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    previous = signal.getsignal(signal.SIGTERM)
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await run
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
