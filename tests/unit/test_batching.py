@@ -53,16 +53,34 @@ def test_what_arrives_during_a_commit_is_the_next_batch() -> None:
 
     async def main() -> None:
         group: GroupCommit[int, int] = GroupCommit(process)
-        first = group.enqueue(1)
+        first = [group.enqueue(1), group.enqueue(2)]
         while not first_started.is_set():
             await asyncio.sleep(0.001)
-        later = [group.enqueue(n) for n in (2, 3, 4)]
+        later = [group.enqueue(n) for n in (3, 4, 5)]
         release.set()
-        assert await asyncio.gather(first, *later) == [1, 2, 3, 4]
+        assert await asyncio.gather(*first, *later) == [1, 2, 3, 4, 5]
         group.close()
 
     asyncio.run(main())
-    assert seen == [[1], [2, 3, 4]]
+    assert seen == [[1, 2], [3, 4, 5]]
+
+
+def test_a_lone_item_is_committed_on_the_loop_without_a_thread_hop() -> None:
+    threads: list[str] = []
+
+    def process(items: list[str]) -> list[str | Exception]:
+        threads.append(threading.current_thread().name)
+        return list(items)
+
+    async def main() -> None:
+        group: GroupCommit[str, str] = GroupCommit(process)
+        await group.submit("alone")
+        await asyncio.gather(group.submit("a"), group.submit("b"))
+        group.close()
+
+    asyncio.run(main())
+    assert threads[0] == threading.main_thread().name
+    assert threads[1] != threading.main_thread().name
 
 
 def test_done_runs_on_the_loop_before_the_waiters_wake() -> None:
@@ -73,9 +91,9 @@ def test_done_runs_on_the_loop_before_the_waiters_wake() -> None:
 
     async def main() -> None:
         group: GroupCommit[str, str] = GroupCommit(lambda items: items, done)
-        await group.submit("a")
+        await asyncio.gather(group.submit("a"), group.submit("b"))
         order.append("woken")
         group.close()
 
     asyncio.run(main())
-    assert order == [f"done ['a'] in {threading.main_thread().name}", "woken"]
+    assert order == [f"done ['a', 'b'] in {threading.main_thread().name}", "woken"]
