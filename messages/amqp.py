@@ -313,13 +313,15 @@ class Publisher:
     the rest of a hop together, so services publish through this instead.
     """
 
-    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+    def __init__(self, channel: aiormq.Channel) -> None:
         self.channel = channel
 
     @classmethod
     async def on(cls, channel: AbstractChannel) -> Publisher:
         """A publisher on an aio-pika channel opened with publisher confirms."""
-        return cls(await channel.get_underlay_channel())
+        underlay = await channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel), "aio-pika's channels are aiormq's"
+        return cls(underlay)
 
     async def publish(
         self,
