@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import ssl
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -157,3 +158,13 @@ class ServiceSettings(BrokerSettings):
     """A broker-connected service that keeps its state in SQLite files under data_dir."""
 
     data_dir: Path = Field(default=Path("data"), description="Where the SQLite files live")
+    retention_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="Finished sagas and processed-command records are deleted this long after "
+        "they end; requests and commands older than this are refused",
+    )
+
+    @property
+    def retention(self) -> timedelta:
+        return timedelta(days=self.retention_days)

@@ -19,6 +19,7 @@ store carry on meanwhile.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -42,6 +43,8 @@ from orchestrator.store import OutboxMessage, SagaStore
 log = logging.getLogger(__name__)
 
 DUE_BATCH = 256  # sagas whose deadline passed, handled per timer tick
+PRUNE_EVERY_S = 3600.0  # how often finished sagas past the retention are deleted
+PRUNE_BATCH = 1000  # sagas deleted per transaction, so commits never wait long behind it
 # Queues a client owns: server-named ones, and RabbitMQ's direct reply-to pseudo-queue.
 REPLY_QUEUE_PREFIXES = ("amq.gen-", "amq.rabbitmq.reply-to")
 
@@ -145,6 +148,7 @@ class Orchestrator:
                 {
                     "outbox-relay": self._relay.run(),
                     "deadline-timer": self._timer(),
+                    "pruner": self._pruner(),
                     "health": health.run(),
                     "connection": connected,
                 }
@@ -184,6 +188,14 @@ class Orchestrator:
         def decide(state: engine.SagaState | None) -> engine.Decision:
             if state is not None:
                 return engine.on_repeat(state, incoming.reply_to, self.now())
+            if message.created_at < self.now() - self.settings.retention:
+                # Its saga may have ended and been pruned: starting it again could charge
+                # the customer twice.
+                raise Rejected(
+                    "too_old",
+                    f"placed at {message.created_at.isoformat()}, longer ago than the "
+                    f"retention (SAGA_RETENTION_DAYS={self.settings.retention_days:g})",
+                )
             trace = tracing.outgoing().get(tracing.HEADER)
             return engine.start(self.definition, message, incoming.reply_to, self.now(), trace)
 
@@ -338,6 +350,31 @@ class Orchestrator:
                 self._running[state.saga_id] = stored
             if not isinstance(result, Exception):
                 self._relay.send(result)
+
+    async def _pruner(self) -> None:
+        """Delete finished sagas once they are older than the retention, every hour."""
+        while True:
+            before = self.now() - self.settings.retention
+            pruned = 0
+            try:
+                while True:
+                    # In the writer thread, between commits: the loop never waits for it.
+                    batch = await self._group.run(
+                        functools.partial(self.store.prune, before, PRUNE_BATCH)
+                    )
+                    pruned += batch
+                    if batch < PRUNE_BATCH:
+                        break
+            except Exception:
+                log.exception("pruning finished sagas failed; trying again later")
+            if pruned:
+                log.info(
+                    "pruned %d saga(s) that ended before %s (SAGA_RETENTION_DAYS=%g)",
+                    pruned,
+                    before.isoformat(timespec="seconds"),
+                    self.settings.retention_days,
+                )
+            await asyncio.sleep(PRUNE_EVERY_S)
 
     async def _timer(self) -> None:
         """Fire passed deadlines; an error with one saga never stops the others or the timer."""

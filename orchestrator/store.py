@@ -96,6 +96,13 @@ class SagaStore(Protocol):
 
     def outbox(self, limit: int, after: int = 0) -> list[OutboxMessage]: ...
 
+    def prune(self, ended_before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` sagas that ended before ``ended_before``; return how many.
+
+        Quarantined sagas are kept: someone has to look at them first.
+        """
+        ...
+
     def outbox_done(self, ids: Iterable[int]) -> None: ...
 
     def outbox_last_id(self) -> int:
@@ -313,6 +320,16 @@ class SqliteStore:
             )
             for row in rows
         ]
+
+    def prune(self, ended_before: datetime, limit: int) -> int:
+        finished = tuple(s.value for s in SagaStatus if s.finished)
+        marks = ",".join("?" * len(finished))
+        with self._writing, self._db:
+            return self._db.execute(
+                "DELETE FROM sagas WHERE saga_id IN (SELECT saga_id FROM sagas"
+                f" WHERE status IN ({marks}) AND updated_at < ? LIMIT ?)",
+                (*finished, ended_before.timestamp(), limit),
+            ).rowcount
 
     def outbox_last_id(self) -> int:
         return int(self._read.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0])

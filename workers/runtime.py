@@ -7,6 +7,7 @@ a redelivered command gets the original reply back and has no second effect.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import logging
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,10 @@ CREATE TABLE IF NOT EXISTS processed_commands (
     reply        BLOB NOT NULL,
     processed_at TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS processed_commands_at ON processed_commands (processed_at);
 """
+PRUNE_EVERY_S = 3600.0  # how often processed-command records past the retention are deleted
+PRUNE_BATCH = 1000  # records deleted per transaction, so commands never wait long behind it
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class Handled:
 def apply_batch(
     participant: Participant,
     db: sqlite3.Connection,
+    retention: timedelta,
     commands: list[tuple[Command, contextvars.Context]],
 ) -> list[Handled | Exception]:
     """Handle commands in one transaction (one fsync), each exactly once.
@@ -140,7 +145,7 @@ def apply_batch(
         for command, context in commands:
             db.execute("SAVEPOINT command")
             try:
-                results.append(context.run(_apply, participant, db, command))
+                results.append(context.run(_apply, participant, db, retention, command))
             except Exception as exc:
                 db.execute("ROLLBACK TO command")
                 results.append(exc)
@@ -148,8 +153,14 @@ def apply_batch(
     return results
 
 
-def _apply(participant: Participant, db: sqlite3.Connection, command: Command) -> Handled:
-    """Handle ``command`` exactly once; a repeat returns the first reply unchanged."""
+def _apply(
+    participant: Participant, db: sqlite3.Connection, retention: timedelta, command: Command
+) -> Handled:
+    """Handle ``command`` exactly once; a repeat returns the first reply unchanged.
+
+    A command older than the retention that is not in the dedupe record is refused: its
+    record may have been pruned, and handling it again could charge a customer twice.
+    """
     handler = participant.handlers.get(type(command))
     if handler is None:
         raise Rejected("unexpected_type", f"{participant.name} does not handle {command.type}")
@@ -165,6 +176,12 @@ def _apply(participant: Participant, db: sqlite3.Connection, command: Command) -
         stored = decode(row[0])
         assert isinstance(stored, Reply)
         return Handled(stored, repeat=True)
+    if command.created_at < datetime.now(UTC) - retention:
+        raise Rejected(
+            "too_old",
+            f"sent at {command.created_at.isoformat()}, longer ago than the retention "
+            f"(SAGA_RETENTION_DAYS={retention.total_seconds() / 86400:g})",
+        )
     outcome = handler(command, db)
     reply = _reply(participant.name, command, outcome)
     db.execute(
@@ -180,6 +197,42 @@ def _apply(participant: Participant, db: sqlite3.Connection, command: Command) -
     if isinstance(outcome, Failed):
         log.info("%s refused: %s %s", command.type, outcome.reason, outcome.detail)
     return Handled(reply)
+
+
+def prune(db: sqlite3.Connection, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` processed-command records older than ``before``."""
+    with transaction(db):
+        return db.execute(
+            "DELETE FROM processed_commands WHERE command_id IN (SELECT command_id FROM"
+            " processed_commands WHERE processed_at < ? LIMIT ?)",
+            (before.isoformat(), limit),
+        ).rowcount
+
+
+async def _pruner(
+    participant: str, group: GroupCommit[Any, Any], db: sqlite3.Connection, retention: timedelta
+) -> None:
+    """Delete processed-command records once they are older than the retention, every hour."""
+    while True:
+        before = datetime.now(UTC) - retention
+        pruned = 0
+        try:
+            while True:
+                # In the writer thread, between commits: it alone uses the database.
+                batch = await group.run(functools.partial(prune, db, before, PRUNE_BATCH))
+                pruned += batch
+                if batch < PRUNE_BATCH:
+                    break
+        except Exception:
+            log.exception("%s: pruning processed commands failed; trying again later", participant)
+        if pruned:
+            log.info(
+                "%s: pruned %d processed-command record(s) from before %s",
+                participant,
+                pruned,
+                before.isoformat(timespec="seconds"),
+            )
+        await asyncio.sleep(PRUNE_EVERY_S)
 
 
 def _reply(participant: str, command: Command, outcome: Outcome) -> Reply:
@@ -229,7 +282,8 @@ async def serve(
     # Each participant's commits run in a writer thread of its own, which alone uses its db.
     groups = {
         p.name: GroupCommit[tuple[Command, contextvars.Context], Handled](
-            functools.partial(apply_batch, p, dbs[p.name]), name=f"{p.name}-writer"
+            functools.partial(apply_batch, p, dbs[p.name], settings.retention),
+            name=f"{p.name}-writer",
         )
         for p in participants
     }
@@ -237,7 +291,11 @@ async def serve(
     health = liveness.Health(liveness.path(settings.data_dir, health_name), queues)
     connected = amqp.run_connected(settings, f"workers:{health_name}", setup, health)
     try:
-        await run_all({"health": health.run(), "connection": connected})
+        pruners = {
+            f"{p.name}-pruner": _pruner(p.name, groups[p.name], dbs[p.name], settings.retention)
+            for p in participants
+        }
+        await run_all({"health": health.run(), "connection": connected, **pruners})
     finally:
         for group in groups.values():
             group.close()  # the commit in progress finishes before the databases close
