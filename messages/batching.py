@@ -44,6 +44,7 @@ class GroupCommit(Generic[T, R]):
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=name)
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._busy = False  # a batch is being processed, or about to be
+        self._jobs = 0  # ``run`` calls in the writer thread, queued or running
 
     async def submit(self, item: T) -> R:
         return await self.enqueue(item)
@@ -60,7 +61,11 @@ class GroupCommit(Generic[T, R]):
 
     async def run(self, work: Callable[[], X]) -> X:
         """Run ``work`` in the writer thread, between batches (it shares their connection)."""
-        return await asyncio.get_running_loop().run_in_executor(self._writer, work)
+        self._jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._writer, work)
+        finally:
+            self._jobs -= 1
 
     def close(self) -> None:
         """Finish the batch in progress and stop the thread."""
@@ -69,7 +74,7 @@ class GroupCommit(Generic[T, R]):
     def _start(self) -> None:
         batch, self._waiting = self._waiting, []
         items = [item for item, _ in batch]
-        if len(items) == 1:
+        if len(items) == 1 and not self._jobs:  # (a job in the thread would race it)
             self._finish(batch, self._guarded(items))
             return
         running = asyncio.get_running_loop().run_in_executor(self._writer, self._guarded, items)

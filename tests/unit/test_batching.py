@@ -97,3 +97,34 @@ def test_done_runs_on_the_loop_before_the_waiters_wake() -> None:
 
     asyncio.run(main())
     assert order == [f"done ['a', 'b'] in {threading.main_thread().name}", "woken"]
+
+
+def test_a_lone_item_never_runs_beside_a_job_in_the_writer_thread() -> None:
+    """``run`` jobs share the batches' connection: a lone item waits its turn in the thread."""
+    job_running = threading.Event()
+    release = threading.Event()
+    overlaps: list[str] = []
+
+    def job() -> None:
+        job_running.set()
+        release.wait(5)
+
+    def process(items: list[str]) -> list[str | Exception]:
+        if not release.is_set():
+            overlaps.append(items[0])
+        return list(items)
+
+    async def main() -> None:
+        group: GroupCommit[str, str] = GroupCommit(process)
+        running = asyncio.ensure_future(group.run(job))
+        while not job_running.is_set():
+            await asyncio.sleep(0.001)
+        lone = group.enqueue("alone")
+        await asyncio.sleep(0.05)
+        release.set()
+        await running
+        assert await lone == "alone"
+        group.close()
+
+    asyncio.run(main())
+    assert overlaps == []
