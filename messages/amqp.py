@@ -18,7 +18,6 @@ import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
-    AbstractExchange,
     ExchangeType,
 )
 from pamqp import commands as spec
@@ -383,32 +382,6 @@ class Publisher:
             raise PublishFailedError(f"{what}: {exc!r}") from exc
         if isinstance(result, aiormq.abc.DeliveredMessage):
             raise PublishFailedError(f"{what} was unroutable")
-
-
-async def publish(
-    exchange: AbstractExchange,
-    message: Envelope | Wire,
-    routing_key: str,
-    *,
-    mandatory: bool = True,
-    reply_to: str | None = None,
-    headers: dict[str, str] | None = None,
-    user_id: str | None = None,
-    timeout: float | None = None,
-) -> None:
-    """``Publisher.publish`` for tools that hold an aio-pika exchange (on a confirming channel)."""
-    assert isinstance(exchange, aio_pika.Exchange), "an exchange of an aio-pika channel"
-    publisher = await Publisher.on(exchange.channel)
-    await publisher.publish(
-        exchange.name,
-        message,
-        routing_key,
-        mandatory=mandatory,
-        reply_to=reply_to,
-        headers=headers,
-        user_id=user_id,
-        timeout=timeout,
-    )
 
 
 @dataclass(frozen=True, slots=True)

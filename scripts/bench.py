@@ -41,11 +41,11 @@ import aio_pika
 import aiormq
 import bench_breakdown
 import bench_limit
-from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from yarl import URL
 
 from messages import topology
-from messages.amqp import BROKER_ERRORS, publish, redact
+from messages.amqp import BROKER_ERRORS, Publisher, redact
 from messages.codec import decode
 from messages.errors import ConfigurationError, DecodeError, PublishFailedError
 from messages.models import HistoryEntry, Money, PlaceOrder, SagaFinished, SagaStatus
@@ -549,25 +549,27 @@ class SagaClient:
         # --breakdown: called with each result and the wall-clock times of its publish and
         # receipt (time.time(), comparable with the orchestrator's history on one machine).
         self.on_result: Callable[[SagaFinished, float, float], None] | None = None
-        self._exchange: AbstractExchange | None = None
+        self._publisher: Publisher | None = None
         self._reply_to = ""
 
     async def open(self) -> None:
         publish_channel = await self.connection.channel(publisher_confirms=True)
         try:
-            self._exchange = await publish_channel.get_exchange(
-                topology.REQUESTS_EXCHANGE, ensure=True
-            )
+            await publish_channel.get_exchange(topology.REQUESTS_EXCHANGE, ensure=True)
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise BenchError(
                 f"there is no {topology.REQUESTS_EXCHANGE} exchange on this vhost: the "
                 "orchestrator has never run here (start it, or use --start-stack)"
             ) from exc
         # get_exchange(ensure=True) closed nothing; the channel stays open for publishing.
-        reply_channel = await self.connection.channel()
-        queue = await reply_channel.declare_queue(exclusive=True, auto_delete=True)
-        self._reply_to = queue.name
-        await queue.consume(self._on_result, no_ack=True)
+        # The client counts in the CPU per saga, so it publishes and consumes the way the
+        # services do: through aiormq directly (Publisher; basic_consume, no IncomingMessage).
+        self._publisher = await Publisher.on(publish_channel)
+        reply_channel = await (await self.connection.channel()).get_underlay_channel()
+        declared = await reply_channel.queue_declare(exclusive=True, auto_delete=True)
+        assert declared.queue is not None
+        self._reply_to = declared.queue
+        await reply_channel.basic_consume(self._reply_to, self._on_result, no_ack=True)
         self.connection.close_callbacks.add(self._on_close)
 
     def _on_close(self, _: object, exc: BaseException | None = None) -> None:
@@ -576,11 +578,12 @@ class SagaClient:
             if not future.done():
                 future.set_exception(BenchError(f"lost the connection to RabbitMQ: {self.lost}"))
 
-    async def _on_result(self, incoming: AbstractIncomingMessage) -> None:
+    async def _on_result(self, delivered: aiormq.abc.DeliveredMessage) -> None:
         received = time.perf_counter()
         received_wall = time.time()
+        properties = delivered.header.properties
         try:
-            key = UUID(incoming.correlation_id or "")
+            key = UUID(properties.correlation_id or "")
         except ValueError:
             return
         waiting = self.pending.pop(key, None)
@@ -589,7 +592,7 @@ class SagaClient:
             return
         future, started = waiting
         try:
-            message = decode(incoming.body, content_type=incoming.content_type)
+            message = decode(delivered.body, content_type=properties.content_type)
         except DecodeError as exc:
             if not future.done():
                 future.set_exception(BenchError(f"undecodable result for saga {key}: {exc}"))
@@ -616,13 +619,13 @@ class SagaClient:
         """Place ``request`` and wait for its result: a Sample, TIMED_OUT after the timeout."""
         if self.lost is not None:
             raise BenchError(f"lost the connection to RabbitMQ: {self.lost}")
-        assert self._exchange is not None, "open() first"
+        assert self._publisher is not None, "open() first"
         future: asyncio.Future[Sample] = asyncio.get_running_loop().create_future()
         started = time.perf_counter()
         self.pending[request.saga_id] = (future, started)
         try:
-            await publish(
-                self._exchange,
+            await self._publisher.publish(
+                topology.REQUESTS_EXCHANGE,
                 request,
                 topology.REQUEST_ROUTING_KEY,
                 reply_to=self._reply_to,
@@ -634,7 +637,8 @@ class SagaClient:
                 f"{topology.REQUESTS_QUEUE} queue declared on this vhost?"
             ) from exc
         try:
-            return await asyncio.wait_for(future, self.timeout)
+            async with asyncio.timeout(self.timeout):  # no extra task per saga, unlike wait_for
+                return await future
         except TimeoutError:
             self.pending.pop(request.saga_id, None)
             return Sample(TIMED_OUT)
