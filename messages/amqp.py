@@ -1,7 +1,10 @@
-"""aio-pika at the edge: connect with retries, declare the topology, publish, dead-letter.
+"""The broker at the edge: connect with retries, declare the topology, publish, consume.
 
-Services hand this module decoded messages and get back nothing AMQP-shaped, so the
-orchestrator and participant runtimes read as what they do, not how the broker works.
+aio-pika connects, opens channels and declares; the hot path (publish with confirms,
+consume, ack several at once, dead-letter) goes through aiormq directly, without aio-pika's
+message objects and extra task per delivery. Services hand this module decoded messages
+and get back nothing AMQP-shaped, so the orchestrator and participant runtimes read as what
+they do, not how the broker works.
 """
 
 from __future__ import annotations
