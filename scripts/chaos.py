@@ -1136,8 +1136,7 @@ def check_finished(snap: Snapshot, placed: set[str], drain_timeout: float, fault
     failed = sum(1 for s in placed if s in snap.sagas and snap.sagas[s].status == "FAILED")
     ended = sum(1 for s in placed if s in snap.sagas and snap.sagas[s].status in TERMINAL)
     expect = (
-        "0 expected: faults hit the pivot and compensations too, but both are resent until "
-        "answered"
+        "0 expected: faults hit the pivot and compensations too, but both are resent until answered"
         if faults
         else "0 expected: no faults injected"
     )
