@@ -1,7 +1,9 @@
 """Fault injection for chaos runs: misbehave around the reply, never inside business logic.
 
-Every rate is 0 unless a SAGA_FAULT_* setting says otherwise. Each injected fault is logged
-at WARNING with the word FAULT and counted, so a chaos run can tell what it caused.
+The one seam: a participant sends its replies through ``Faults.send`` only when a
+SAGA_FAULT_* setting switches a fault on (``from_settings`` returns None otherwise, and the
+runtime publishes directly). Each injected fault is logged at WARNING with the word FAULT
+and counted, so a chaos run can tell what it caused.
 """
 
 from __future__ import annotations
@@ -36,14 +38,16 @@ class Faults:
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
-    def from_settings(cls, settings: WorkerSettings) -> Faults:
-        return cls(
+    def from_settings(cls, settings: WorkerSettings) -> Faults | None:
+        """The faults the settings switch on; None when they switch none on."""
+        faults = cls(
             drop=settings.fault_drop_reply,
             delay=settings.fault_delay_reply,
             delay_s=settings.fault_delay_s,
             duplicate=settings.fault_duplicate_reply,
             crash=settings.fault_crash_after_commit,
         )
+        return faults if faults.enabled else None
 
     @property
     def enabled(self) -> bool:
