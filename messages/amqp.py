@@ -2,7 +2,7 @@
 
 aio-pika connects, opens channels and declares; the hot path (publish with confirms,
 consume, ack several at once, dead-letter) goes through aiormq directly, without aio-pika's
-message objects and extra task per delivery. Services hand this module decoded messages
+message objects and its second task per delivery. Services hand this module decoded messages
 and get back nothing AMQP-shaped, so the orchestrator and participant runtimes read as what
 they do, not how the broker works.
 """
@@ -220,8 +220,11 @@ async def run_connected(
         up_since = time.monotonic()
         try:
             why = await session.lost()
-        finally:
+        except BaseException:  # stopping: no more deliveries while the rest shuts down
             on_lost()
+            await _close(session)
+            raise
+        on_lost()
         log.warning("connection to RabbitMQ lost (%s); reconnecting", why)
         health.down(f"connection lost: {why}")
         await _close(session)
@@ -449,29 +452,37 @@ class _Acks:
     Handlers finish out of order (a group commit settles many at once). Once per loop turn,
     the settled deliveries at the head of the channel's order are acked with one frame; one
     settled behind a delivery still in hand is acked on its own, so a slow message never
-    holds up the acks, and the prefetch window, behind it. Nacks go out at once.
+    holds up the acks, and the prefetch window, behind it. Nacks are sent at once.
+
+    Every ack and nack frame goes out through one task, in the order decided: frames sent
+    from several tasks can overtake each other in aiormq's write queue, and an ack that
+    overtakes a nack of the same delivery loses the message, or one that overtakes an ack
+    of a tag it covers makes the broker close the channel (unknown delivery tag).
     """
 
     def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
         self.channel = channel
         self._open: deque[int] = deque()  # delivery tags not yet settled, in delivery order
         self._settled: dict[int, str] = {}  # tag -> "ack" (to send), "sent" or "nack"
+        self._fresh: list[int] = []  # acked since the last flush
         self._flushing = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._frames: deque[tuple[int, bool, bool]] = deque()  # (tag, ack?, multiple?)
+        self._sender: asyncio.Task[None] | None = None
 
     def received(self, tag: int) -> None:
         self._open.append(tag)
 
     def ack(self, tag: int) -> None:
         self._settled[tag] = "ack"
+        self._fresh.append(tag)
         if not self._flushing:  # once per loop turn: a commit's handlers all settle by then
             self._flushing = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    async def nack(self, tag: int) -> None:
-        """Requeue ``tag`` now."""
+    def nack(self, tag: int) -> None:
+        """Requeue ``tag``."""
         self._settled[tag] = "nack"
-        await _settle(self.channel.basic_nack(tag, requeue=True))
+        self._send(tag, ack=False, multiple=False)
 
     def _flush(self) -> None:
         self._flushing = False
@@ -481,17 +492,25 @@ class _Acks:
             if self._settled.pop(tag) == "ack":
                 head = tag
         if head is not None:
-            self._send(head, multiple=True)
-        for tag, state in self._settled.items():
-            if state == "ack":  # behind one still in hand: on its own
+            self._send(head, ack=True, multiple=True)
+        for tag in self._fresh:
+            if self._settled.get(tag) == "ack":  # behind one still in hand: on its own
                 self._settled[tag] = "sent"
-                self._send(tag, multiple=False)
+                self._send(tag, ack=True, multiple=False)
+        self._fresh.clear()
 
-    def _send(self, tag: int, *, multiple: bool) -> None:
-        ack = self.channel.basic_ack(tag, multiple=multiple, wait=False)
-        task = asyncio.create_task(_settle(ack))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _send(self, tag: int, *, ack: bool, multiple: bool) -> None:
+        self._frames.append((tag, ack, multiple))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_in_order())
+
+    async def _send_in_order(self) -> None:
+        while self._frames:
+            tag, ack, multiple = self._frames.popleft()
+            if ack:
+                await _settle(self.channel.basic_ack(tag, multiple=multiple, wait=False))
+            else:
+                await _settle(self.channel.basic_nack(tag, requeue=True, wait=False))
 
 
 class _Consumer:
@@ -537,7 +556,7 @@ class _Consumer:
             except PublishFailedError as exc:
                 # Broker trouble, not the message's fault: let it come back.
                 log.warning("requeueing %s: %s", delivery.message_id, exc)
-                await self.acks.nack(tag)
+                self.acks.nack(tag)
             except Exception as exc:
                 await self._failed(delivery, exc)
             else:
@@ -563,7 +582,7 @@ class _Consumer:
         # Requeued, not republished: a consumer may write only where its role allows, and
         # the pause keeps a poison message from spinning while it uses up its deliveries.
         await asyncio.sleep(min(0.05 * 2**deliveries, 2.0))
-        await self.acks.nack(delivery.tag)
+        self.acks.nack(delivery.tag)
 
     async def _dead_letter(
         self,
@@ -601,11 +620,15 @@ class _Consumer:
         # The copy is confirmed before the original is acked: nothing is lost in between.
         try:
             await self.publisher.send(
-                topology.DEAD_LETTER_EXCHANGE, self.queue, delivery.body, properties
+                topology.DEAD_LETTER_EXCHANGE,
+                self.queue,
+                delivery.body,
+                properties,
+                timeout=self.settings.publish_timeout_s,
             )
         except PublishFailedError as exc:
             log.warning("could not move %s (%s); requeueing", delivery.message_id, exc)
-            await self.acks.nack(delivery.tag)
+            self.acks.nack(delivery.tag)
             return
         self.acks.ack(delivery.tag)
 
