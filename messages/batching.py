@@ -61,11 +61,16 @@ class GroupCommit(Generic[T, R]):
 
     async def run(self, work: Callable[[], X]) -> X:
         """Run ``work`` in the writer thread, between batches (it shares their connection)."""
+        loop = asyncio.get_running_loop()
         self._jobs += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._writer, work)
-        finally:
-            self._jobs -= 1
+        job = self._writer.submit(work)
+        # Counted down when the work ends in the thread, not when a cancelled caller stops
+        # waiting for it: until then a lone item must not be committed beside it.
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._job_done))
+        return await asyncio.wrap_future(job)
+
+    def _job_done(self) -> None:
+        self._jobs -= 1
 
     def close(self) -> None:
         """Finish the batch in progress and stop the thread."""
@@ -77,8 +82,14 @@ class GroupCommit(Generic[T, R]):
         if len(items) == 1 and not self._jobs:  # (a job in the thread would race it)
             self._finish(batch, self._guarded(items))
             return
-        running = asyncio.get_running_loop().run_in_executor(self._writer, self._guarded, items)
-        running.add_done_callback(lambda f: self._finish(batch, f.result()))
+        try:
+            running = asyncio.get_running_loop().run_in_executor(
+                self._writer, self._guarded, items
+            )
+        except RuntimeError as exc:  # closed: fail the batch rather than leave it waiting
+            self._finish(batch, [exc] * len(items))
+            return
+        running.add_done_callback(lambda f: self._finish(batch, _outcome(f, len(items))))
 
     def _guarded(self, items: list[T]) -> Sequence[R | Exception]:
         try:
@@ -105,3 +116,13 @@ class GroupCommit(Generic[T, R]):
             self._start()
         else:
             self._busy = False
+
+
+def _outcome(done: asyncio.Future[Sequence[R | Exception]], n: int) -> Sequence[R | Exception]:
+    """A batch's results, or its failure (the thread's future cancelled at shutdown) for all."""
+    if done.cancelled():
+        return [RuntimeError("the writer stopped before this batch was committed")] * n
+    exc = done.exception()
+    if exc is not None:
+        return [exc if isinstance(exc, Exception) else RuntimeError(repr(exc))] * n
+    return done.result()

@@ -6,6 +6,8 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
+import pytest
+
 from messages.batching import GroupCommit
 
 
@@ -128,3 +130,45 @@ def test_a_lone_item_never_runs_beside_a_job_in_the_writer_thread() -> None:
 
     asyncio.run(main())
     assert overlaps == []
+
+
+def test_a_cancelled_caller_does_not_end_its_job_early() -> None:
+    """The job goes on in the thread after its caller gave up: lone items still wait for it."""
+    job_running = threading.Event()
+    release = threading.Event()
+    overlaps: list[str] = []
+
+    def job() -> None:
+        job_running.set()
+        release.wait(5)
+
+    def process(items: list[str]) -> list[str | Exception]:
+        if not release.is_set():
+            overlaps.append(items[0])
+        return list(items)
+
+    async def main() -> None:
+        group: GroupCommit[str, str] = GroupCommit(process)
+        caller = asyncio.ensure_future(group.run(job))
+        while not job_running.is_set():
+            await asyncio.sleep(0.001)
+        caller.cancel()
+        await asyncio.sleep(0.01)
+        lone = group.enqueue("alone")
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await lone == "alone"
+        group.close()
+
+    asyncio.run(main())
+    assert overlaps == []
+
+
+def test_items_enqueued_after_close_fail_instead_of_waiting_forever() -> None:
+    async def main() -> None:
+        group: GroupCommit[str, str] = GroupCommit(lambda items: list(items))
+        group.close()
+        with pytest.raises(RuntimeError):
+            await asyncio.wait_for(asyncio.gather(group.submit("a"), group.submit("b")), timeout=2)
+
+    asyncio.run(main())
