@@ -13,10 +13,11 @@ command id, so a row sent twice does no harm.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from messages import amqp, tracing
@@ -53,8 +54,10 @@ class OutboxRelay:
         still_wanted: Callable[[OutboxMessage], bool],
         publish_timeout_s: float,
         max_retry_s: float,
+        in_writer: Callable[[Callable[[], None]], Awaitable[None]],
     ) -> None:
         self.store = store
+        self.in_writer = in_writer  # runs store writes in the writer thread, between commits
         self.on_confirmed = on_confirmed
         self.still_wanted = still_wanted  # asked before a retry: has the saga moved on?
         self.publish_timeout_s = publish_timeout_s
@@ -101,9 +104,11 @@ class OutboxRelay:
     def take_confirmed(self) -> list[int]:
         """Confirmed rows, for the caller's next commit to delete. Any thread."""
         taken = []
-        while self._confirmed:
-            taken.append(self._confirmed.popleft())
-        return taken
+        while True:
+            try:  # not `while self._confirmed`: the other thread may take the last one first
+                taken.append(self._confirmed.popleft())
+            except IndexError:
+                return taken
 
     async def run(self) -> None:
         try:
@@ -111,7 +116,8 @@ class OutboxRelay:
                 await self._attached.wait()
                 self._ready.clear()
                 try:
-                    rows = self._due_retries() + self._backlog() + self._take(BATCH)
+                    # The backlog first: if reading it fails, no retry is left marked in flight.
+                    rows = self._backlog() + self._due_retries() + self._take(BATCH)
                 except Exception:
                     log.exception("reading the outbox failed; trying again")
                     await asyncio.sleep(self.max_retry_s / 10)
@@ -165,7 +171,7 @@ class OutboxRelay:
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:
-            self._flush()  # nothing is being committed that could take them
+            await self._flush()  # nothing is being committed that could take them
 
     async def _publish(self, row: OutboxMessage) -> None:
         assert row.id is not None
@@ -218,11 +224,11 @@ class OutboxRelay:
     def _wait(self, failures: int) -> float:
         return float(min(FIRST_RETRY_S * 2 ** min(failures - 1, 30), self.max_retry_s))
 
-    def _flush(self) -> None:
+    async def _flush(self) -> None:
         done = self.take_confirmed()
         if done:
             try:
-                self.store.outbox_done(done)
+                await self.in_writer(functools.partial(self.store.outbox_done, done))
             except Exception:
                 log.exception("deleting published outbox rows failed; will try again")
                 self._confirmed.extend(done)

@@ -22,7 +22,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from messages import amqp, topology, tracing
@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 DUE_BATCH = 256  # sagas whose deadline passed, handled per timer tick
 PRUNE_EVERY_S = 3600.0  # how often finished sagas past the retention are deleted
 PRUNE_BATCH = 1000  # sagas deleted per transaction, so commits never wait long behind it
+# Kept a day past the retention before they go: requests older than the retention are
+# refused, and a client whose clock runs a little ahead must not slip between the two.
+PRUNE_MARGIN = timedelta(days=1)
 # Queues a client owns: server-named ones, and RabbitMQ's direct reply-to pseudo-queue.
 REPLY_QUEUE_PREFIXES = ("amq.gen-", "amq.rabbitmq.reply-to")
 
@@ -120,6 +123,7 @@ class Orchestrator:
             self._still_wanted,
             settings.publish_timeout_s,
             settings.max_retry_wait_s,
+            self._group.run,
         )
         self._publisher: amqp.Publisher | None = None
 
@@ -354,7 +358,7 @@ class Orchestrator:
     async def _pruner(self) -> None:
         """Delete finished sagas once they are older than the retention, every hour."""
         while True:
-            before = self.now() - self.settings.retention
+            before = self.now() - self.settings.retention - PRUNE_MARGIN
             pruned = 0
             try:
                 while True:
@@ -369,7 +373,7 @@ class Orchestrator:
                 log.exception("pruning finished sagas failed; trying again later")
             if pruned:
                 log.info(
-                    "pruned %d saga(s) that ended before %s (SAGA_RETENTION_DAYS=%g)",
+                    "pruned %d saga(s) that ended before %s (SAGA_RETENTION_DAYS=%g, + 1 day)",
                     pruned,
                     before.isoformat(timespec="seconds"),
                     self.settings.retention_days,
