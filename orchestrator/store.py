@@ -141,6 +141,9 @@ CREATE TABLE IF NOT EXISTS sagas (
 );
 CREATE INDEX IF NOT EXISTS sagas_deadline ON sagas (deadline) WHERE deadline IS NOT NULL;
 CREATE INDEX IF NOT EXISTS sagas_status ON sagas (status, created_at);
+-- For pruning: finished sagas by when they ended (a saga enters it once, when it ends).
+CREATE INDEX IF NOT EXISTS sagas_ended ON sagas (updated_at)
+    WHERE status IN ('COMPLETED', 'COMPENSATED', 'FAILED');
 CREATE TABLE IF NOT EXISTS outbox (
     id             INTEGER PRIMARY KEY AUTOINCREMENT,
     saga_id        TEXT NOT NULL,
@@ -322,13 +325,14 @@ class SqliteStore:
         ]
 
     def prune(self, ended_before: datetime, limit: int) -> int:
-        finished = tuple(s.value for s in SagaStatus if s.finished)
-        marks = ",".join("?" * len(finished))
         with self._writing, self._db:
             return self._db.execute(
-                "DELETE FROM sagas WHERE saga_id IN (SELECT saga_id FROM sagas"
-                f" WHERE status IN ({marks}) AND updated_at < ? LIMIT ?)",
-                (*finished, ended_before.timestamp(), limit),
+                # By when they ended, not a walk over every finished saga: the statuses as
+                # the index writes them, and INDEXED BY, since SQLite would pick sagas_status.
+                "DELETE FROM sagas WHERE saga_id IN (SELECT saga_id FROM sagas INDEXED BY"
+                " sagas_ended WHERE status IN ('COMPLETED', 'COMPENSATED', 'FAILED')"
+                " AND updated_at < ? LIMIT ?)",
+                (ended_before.timestamp(), limit),
             ).rowcount
 
     def outbox_last_id(self) -> int:

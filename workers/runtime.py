@@ -78,6 +78,9 @@ CREATE INDEX IF NOT EXISTS processed_commands_at ON processed_commands (processe
 """
 PRUNE_EVERY_S = 3600.0  # how often processed-command records past the retention are deleted
 PRUNE_BATCH = 1000  # records deleted per transaction, so commands never wait long behind it
+# Kept a day past the retention: commands older than the retention are refused, and an
+# orchestrator whose clock runs a little ahead must not slip between the two.
+PRUNE_MARGIN = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,7 @@ async def _pruner(
 ) -> None:
     """Delete processed-command records once they are older than the retention, every hour."""
     while True:
-        before = datetime.now(UTC) - retention
+        before = datetime.now(UTC) - retention - PRUNE_MARGIN
         pruned = 0
         try:
             while True:

@@ -81,17 +81,20 @@ def test_a_command_older_than_the_retention_and_not_yet_seen_is_refused(stack: S
 
 
 def test_services_prune_what_ended_before_the_retention_and_keep_the_rest(stack: Stack) -> None:
-    # The orchestrator's store: one saga ended two days ago, one an hour ago, one running
+    # The orchestrator's store: one saga ended three days ago (past the retention of a
+    # day and the day of margin), one 36 hours ago (within the margin), one an hour ago,
+    # one running
     store = SqliteStore(stack.data_dir / "orchestrator.db")
-    old, recent = finished_saga(NOW - timedelta(days=2)), finished_saga(NOW - timedelta(hours=1))
+    old, recent = finished_saga(NOW - timedelta(days=3)), finished_saga(NOW - timedelta(hours=1))
+    in_margin = finished_saga(NOW - timedelta(hours=36))
     running = engine.start(order_saga(5.0, 3), order(NOW), None, NOW, None).state
     running = running.model_copy(update={"deadline": NOW + timedelta(days=365)})
-    for state in (old, recent, running):
+    for state in (old, in_margin, recent, running):
         store.commit(state, [])
     store.close()
-    # Inventory's dedupe record: one command handled two days ago, one just now
+    # Inventory's dedupe record: one command handled three days ago, one just now
     db = open_db(stack.data_dir / "inventory.db", inventory.SCHEMA)
-    for command_id, at in (("old-one", NOW - timedelta(days=2)), ("new-one", NOW)):
+    for command_id, at in (("old-one", NOW - timedelta(days=3)), ("new-one", NOW)):
         db.execute(
             "INSERT INTO processed_commands VALUES (?, ?, 'ReserveStock', x'7b7d', ?)",
             (command_id, str(uuid.uuid4()), at.isoformat()),
@@ -104,6 +107,6 @@ def test_services_prune_what_ended_before_the_retention_and_keep_the_rest(stack:
     stack.wait_for_log("inventory", "pruned 1 processed-command record(s)")
 
     kept = {row[0] for row in stack.query("orchestrator", "SELECT saga_id FROM sagas")}
-    assert kept == {str(recent.saga_id), str(running.saga_id)}
+    assert kept == {str(in_margin.saga_id), str(recent.saga_id), str(running.saga_id)}
     records = stack.query("inventory", "SELECT command_id FROM processed_commands")
     assert [row[0] for row in records] == ["new-one"]
