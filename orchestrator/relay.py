@@ -4,10 +4,9 @@ Rows are handed over straight from memory once their commit is on disk (``send``
 outbox table is read only at start, for what an earlier run left unpublished. Publishing
 never waits for the previous confirm: confirms come back asynchronously, and confirmed rows
 are deleted by the next commit of saga state (no fsync of their own), or after a quiet
-moment. A row whose publish fails (no
-connection, unroutable, nacked, or no confirm in time) is retried on its own, with backoff,
-so one row that cannot be published never holds up the others. Participants dedupe by
-command id, so a row sent twice does no harm.
+moment. A row whose publish fails (no connection, unroutable, nacked, or no confirm in
+time) is retried on its own, with backoff, so one row that cannot be published never holds
+up the others. Participants dedupe by command id, so a row sent twice does no harm.
 """
 
 from __future__ import annotations
