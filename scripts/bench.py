@@ -42,6 +42,7 @@ import aiormq
 import bench_breakdown
 import bench_limit
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from children import Children
 from yarl import URL
 
 from messages import topology
@@ -382,14 +383,6 @@ def local_broker_pid(url: str) -> int | None:
     return None
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the bench dies without stopping us."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 @dataclass
 class Stack:
     """The orchestrator and the three participants as separate processes (--start-stack)."""
@@ -400,7 +393,7 @@ class Stack:
     parent_dir: Path | None
     keep_data: bool
     data_dir: Path | None = None
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    children: Children | None = None
 
     def start(self) -> None:
         self.data_dir = Path(tempfile.mkdtemp(prefix="saga-bench-", dir=self.parent_dir))
@@ -417,52 +410,28 @@ class Stack:
             "payment": ["workers", "run", "payment"],
             "order": ["workers", "run", "order"],
         }
+        self.children = Children(self.data_dir)
         for name in SERVICES:
-            with (self.data_dir / f"{name}.log").open("ab") as log:
-                self.processes[name] = subprocess.Popen(
-                    [sys.executable, "-m", *commands[name]],
-                    cwd=ROOT,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # Ctrl-C reaches the bench, which stops them
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                )
+            self.children.start(name, [sys.executable, "-m", *commands[name]], env, cwd=ROOT)
 
     def pids(self) -> dict[str, int]:
-        return {name: p.pid for name, p in self.processes.items()}
+        return self.children.pids() if self.children else {}
 
     def check_alive(self) -> None:
-        for name, process in self.processes.items():
-            if process.poll() is not None:
-                raise BenchError(
-                    f"{name} exited with code {process.returncode} during the bench:\n"
-                    + self.log_tail(name)
-                )
+        exited = self.children.exited() if self.children else None
+        if exited is not None:
+            name, code = exited
+            raise BenchError(
+                f"{name} exited with code {code} during the bench:\n" + self.log_tail(name)
+            )
 
     def log_tail(self, name: str, lines: int = 15) -> str:
-        if self.data_dir is None:
-            return ""
-        try:
-            text = (self.data_dir / f"{name}.log").read_text(errors="replace")
-        except OSError:
-            return "  (no log)"
-        tail = text.strip().splitlines()[-lines:]
-        return "\n".join(f"  {line}" for line in tail) or "  (its log is empty)"
+        return self.children.log_tail(name, lines) if self.children else ""
 
     def stop(self, *, failed: bool = False) -> None:
         """Stop every process (SIGTERM, then SIGKILL after 10 s); idempotent."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-        self.processes.clear()
+        if self.children is not None:
+            self.children.stop(10)
         if self.data_dir is not None and self.data_dir.exists():
             if self.keep_data or failed:
                 print(f"bench: services' data and logs kept in {self.data_dir}", file=sys.stderr)

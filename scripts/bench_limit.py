@@ -30,20 +30,21 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from uuid import uuid4
 
 import aiormq
 import aiormq.abc
+from children import Children
 from pamqp import commands as spec
 
 PARTICIPANTS = ("inventory", "payment", "order")
@@ -250,14 +251,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --- driving it from bench.py ------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the bench dies without stopping us."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 @dataclass
 class PassThrough:
     """The four pass-through processes and their queues."""
@@ -265,8 +258,7 @@ class PassThrough:
     url: str
     names: Names
     prefetch: int
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    logs: dict[str, IO[bytes]] = field(default_factory=dict)
+    children: Children | None = None
 
     async def declare(self, channel: aiormq.abc.AbstractChannel) -> None:
         for queue in (self.names.requests, self.names.replies, *self._participant_queues()):
@@ -279,43 +271,25 @@ class PassThrough:
 
     def start(self) -> None:
         env = {**os.environ, URL_ENV: self.url, "PYTHONUNBUFFERED": "1"}
+        self.children = Children(Path(tempfile.mkdtemp(prefix="saga-bench-limit-")))
         for role in ROLES:
-            log = self.logs[role] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
-            self.processes[role] = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    role,
-                    *("--prefix", self.names.prefix, "--prefetch", str(self.prefetch)),
-                ],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches the bench, which stops them
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-            )
+            options = ("--prefix", self.names.prefix, "--prefetch", str(self.prefetch))
+            argv = [sys.executable, str(Path(__file__).resolve()), role, *options]
+            self.children.start(role, argv, env)
 
     def pids(self) -> dict[str, int]:
-        return {role: p.pid for role, p in self.processes.items()}
+        return self.children.pids() if self.children else {}
 
     def check_alive(self) -> None:
-        for role, process in self.processes.items():
-            if process.poll() is not None:
-                raise LimitError(
-                    f"the pass-through {role} exited with code {process.returncode}:\n"
-                    + self.log_tail(role)
-                )
+        exited = self.children.exited() if self.children else None
+        if exited is not None:
+            role, code = exited
+            raise LimitError(
+                f"the pass-through {role} exited with code {code}:\n" + self.log_tail(role)
+            )
 
     def log_tail(self, role: str, lines: int = 10) -> str:
-        log = self.logs.get(role)
-        if log is None:
-            return ""
-        with contextlib.suppress(OSError, ValueError):
-            log.seek(0)
-            tail = log.read().decode(errors="replace").strip().splitlines()[-lines:]
-            return "\n".join(f"  {line}" for line in tail) or "  (its log is empty)"
-        return "  (no log)"
+        return self.children.log_tail(role, lines) if self.children else ""
 
     async def wait_ready(self, channel: aiormq.abc.AbstractChannel) -> None:
         """Until every queue has its consumer."""
@@ -335,20 +309,11 @@ class PassThrough:
                 await asyncio.sleep(0.05)
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 5 s; idempotent."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
-        self.processes.clear()
-        for log in self.logs.values():
-            log.close()
-        self.logs.clear()
+        """SIGTERM, then SIGKILL after 5 s; idempotent. The logs go with them."""
+        if self.children is not None:
+            self.children.stop(5)
+            shutil.rmtree(self.children.log_dir, ignore_errors=True)
+            self.children = None
 
     async def delete_queues(self, connection: aiormq.abc.AbstractConnection) -> None:
         channel = await connection.channel()
