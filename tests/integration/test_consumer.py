@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from decimal import Decimal
 
 import pytest
+from aio_pika.abc import AbstractConnection
 
 from messages import amqp, topology
 from messages.models import AnyMessage, Money, PlaceOrder
@@ -15,16 +17,31 @@ from tests.integration.stack import amqp_channel, drain, send
 pytestmark = pytest.mark.broker
 
 
-def test_a_message_that_always_fails_is_dead_lettered_after_max_deliveries(amqp_url: str) -> None:
-    settings = BrokerSettings(amqp_url=amqp_url, max_deliveries=3)
-    calls: list[str] = []
-    order = PlaceOrder(
+def an_order() -> PlaceOrder:
+    return PlaceOrder(
         saga_id=uuid.uuid4(),
         customer_id="c-1",
         sku="item-1",
         quantity=1,
-        amount=Money(amount="1.00"),
-    )  # type: ignore[arg-type]
+        amount=Money(amount=Decimal("1.00")),
+    )
+
+
+async def consume_requests(
+    connection: AbstractConnection, settings: BrokerSettings, handler: amqp.Handler
+) -> None:
+    """Declare the topology and consume the requests queue with ``handler``."""
+    channel = await connection.channel(publisher_confirms=True)
+    await amqp.declare_topology(channel)
+    publisher = await amqp.Publisher.on(channel)
+    consuming = await (await connection.channel()).get_underlay_channel()
+    await amqp.consume(consuming, topology.REQUESTS_QUEUE, publisher, handler, settings)
+
+
+def test_a_message_that_always_fails_is_dead_lettered_after_max_deliveries(amqp_url: str) -> None:
+    settings = BrokerSettings(amqp_url=amqp_url, max_deliveries=3)
+    calls: list[str] = []
+    order = an_order()
 
     async def always_fails(message: AnyMessage, delivery: amqp.Delivery) -> None:
         calls.append(str(message.message_id))
@@ -33,13 +50,7 @@ def test_a_message_that_always_fails_is_dead_lettered_after_max_deliveries(amqp_
     async def run() -> None:
         connection = await amqp.connect(settings, "test")
         async with connection:
-            channel = await connection.channel(publisher_confirms=True)
-            await amqp.declare_topology(channel)
-            publisher = await amqp.Publisher.on(channel)
-            consuming = await (await connection.channel()).get_underlay_channel()
-            await amqp.consume(
-                consuming, topology.REQUESTS_QUEUE, publisher, always_fails, settings
-            )
+            await consume_requests(connection, settings, always_fails)
             with amqp_channel(amqp_url) as publisher:
                 send(publisher, topology.REQUESTS_EXCHANGE, topology.REQUEST_ROUTING_KEY, order)
             for _ in range(100):  # until it is dead-lettered, or 10 s
@@ -72,16 +83,7 @@ def test_a_message_still_being_handled_is_never_acked_by_a_later_ones_ack(amqp_u
     lost an order), and only the first: the others were acked, though behind it.
     """
     settings = BrokerSettings(amqp_url=amqp_url)
-    orders = [
-        PlaceOrder(
-            saga_id=uuid.uuid4(),
-            customer_id="c-1",
-            sku="item-1",
-            quantity=1,
-            amount=Money(amount="1.00"),
-        )  # type: ignore[arg-type]
-        for _ in range(5)
-    ]
+    orders = [an_order() for _ in range(5)]
     handled: list[str] = []
 
     async def first_one_hangs(message: AnyMessage, delivery: amqp.Delivery) -> None:
@@ -92,13 +94,7 @@ def test_a_message_still_being_handled_is_never_acked_by_a_later_ones_ack(amqp_u
     async def run() -> None:
         connection = await amqp.connect(settings, "test")
         async with connection:
-            channel = await connection.channel(publisher_confirms=True)
-            await amqp.declare_topology(channel)
-            publisher = await amqp.Publisher.on(channel)
-            consuming = await (await connection.channel()).get_underlay_channel()
-            await amqp.consume(
-                consuming, topology.REQUESTS_QUEUE, publisher, first_one_hangs, settings
-            )
+            await consume_requests(connection, settings, first_one_hangs)
             with amqp_channel(amqp_url) as sender:
                 for order in orders:
                     send(sender, topology.REQUESTS_EXCHANGE, topology.REQUEST_ROUTING_KEY, order)

@@ -101,39 +101,11 @@ def test_done_runs_on_the_loop_before_the_waiters_wake() -> None:
     assert order == [f"done ['a', 'b'] in {threading.main_thread().name}", "woken"]
 
 
-def test_a_lone_item_never_runs_beside_a_job_in_the_writer_thread() -> None:
-    """``run`` jobs share the batches' connection: a lone item waits its turn in the thread."""
-    job_running = threading.Event()
-    release = threading.Event()
-    overlaps: list[str] = []
+def lone_items_beside_a_job(cancel_the_caller: bool) -> list[str]:
+    """Hold a ``run`` job in the writer thread and enqueue a lone item meanwhile.
 
-    def job() -> None:
-        job_running.set()
-        release.wait(5)
-
-    def process(items: list[str]) -> list[str | Exception]:
-        if not release.is_set():
-            overlaps.append(items[0])
-        return list(items)
-
-    async def main() -> None:
-        group: GroupCommit[str, str] = GroupCommit(process)
-        running = asyncio.ensure_future(group.run(job))
-        while not job_running.is_set():
-            await asyncio.sleep(0.001)
-        lone = group.enqueue("alone")
-        await asyncio.sleep(0.05)
-        release.set()
-        await running
-        assert await lone == "alone"
-        group.close()
-
-    asyncio.run(main())
-    assert overlaps == []
-
-
-def test_a_cancelled_caller_does_not_end_its_job_early() -> None:
-    """The job goes on in the thread after its caller gave up: lone items still wait for it."""
+    Returns the items processed while the job still ran (there should be none).
+    """
     job_running = threading.Event()
     release = threading.Event()
     overlaps: list[str] = []
@@ -152,16 +124,29 @@ def test_a_cancelled_caller_does_not_end_its_job_early() -> None:
         caller = asyncio.ensure_future(group.run(job))
         while not job_running.is_set():
             await asyncio.sleep(0.001)
-        caller.cancel()
-        await asyncio.sleep(0.01)
+        if cancel_the_caller:
+            caller.cancel()
+            await asyncio.sleep(0.01)
         lone = group.enqueue("alone")
         await asyncio.sleep(0.05)
         release.set()
+        if not cancel_the_caller:
+            await caller
         assert await lone == "alone"
         group.close()
 
     asyncio.run(main())
-    assert overlaps == []
+    return overlaps
+
+
+def test_a_lone_item_never_runs_beside_a_job_in_the_writer_thread() -> None:
+    """``run`` jobs share the batches' connection: a lone item waits its turn in the thread."""
+    assert lone_items_beside_a_job(cancel_the_caller=False) == []
+
+
+def test_a_cancelled_caller_does_not_end_its_job_early() -> None:
+    """The job goes on in the thread after its caller gave up: lone items still wait for it."""
+    assert lone_items_beside_a_job(cancel_the_caller=True) == []
 
 
 def test_items_enqueued_after_close_fail_instead_of_waiting_forever() -> None:
