@@ -83,9 +83,7 @@ class GroupCommit(Generic[T, R]):
             self._finish(batch, self._guarded(items))
             return
         try:
-            running = asyncio.get_running_loop().run_in_executor(
-                self._writer, self._guarded, items
-            )
+            running = asyncio.get_running_loop().run_in_executor(self._writer, self._guarded, items)
         except RuntimeError as exc:  # closed: fail the batch rather than leave it waiting
             self._finish(batch, [exc] * len(items))
             return
