@@ -341,10 +341,12 @@ class Orchestrator:
         """On the loop, once a batch is on disk (or failed): memory follows, messages go."""
         for decision, result in zip(decisions, results, strict=True):
             state = decision.state
-            stored = state.model_copy(update={"version": state.version + 1})
             uncommitted = self._uncommitted.get(state.saga_id)
-            if uncommitted and uncommitted[0].version == stored.version:
-                del self._uncommitted[state.saga_id]  # a later decision's entry stays
+            if uncommitted and uncommitted[0].version == state.version + 1:
+                stored = uncommitted[0]  # the state as stored, made when it was decided
+                del self._uncommitted[state.saga_id]
+            else:  # a later decision's entry stays
+                stored = state.model_copy(update={"version": state.version + 1})
             if isinstance(result, Exception) or state.status.finished:
                 # Failed (to be redelivered; the store has the truth), or done with.
                 self._running.pop(state.saga_id, None)
