@@ -54,7 +54,7 @@ BUCKETS: list[tuple[str, Rule]] = [
     ),
     (
         "pydantic: validate, dump JSON, build models",
-        lambda stack, leaf: "pydantic" in leaf or "messages/codec.py" in leaf,
+        lambda stack, leaf: "pydantic" in leaf or "messages/contract/codec.py" in leaf,
     ),
     (
         "engine, runtime, uuid",

@@ -1,1 +1,1 @@
-"""The contract between our services: message models, codec, topology names, shared plumbing."""
+"""Shared by every service: contract/ (what crosses the broker), plumbing/, and the error tree."""

@@ -19,19 +19,19 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from messages import health, logs
-from messages.client import Client
-from messages.errors import SagaError, SagaNotFoundError
-from messages.models import (
+from messages.contract.models import (
     AbortSaga,
     ActionRefused,
     AnyMessage,
     SagaFinished,
     SagaStatus,
 )
-from messages.service import run_service
-from messages.settings import load
-from messages.timeline import format_timeline, render_result
+from messages.errors import SagaError, SagaNotFoundError
+from messages.plumbing import health, logs
+from messages.plumbing.client import Client
+from messages.plumbing.service import run_service
+from messages.plumbing.settings import load
+from messages.plumbing.timeline import format_timeline, render_result
 from orchestrator.engine import SAGA, SagaState
 from orchestrator.provision import ProvisionSettings, provision
 from orchestrator.runtime import Orchestrator

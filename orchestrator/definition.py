@@ -12,8 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from messages.errors import DefinitionError
-from messages.models import (
+from messages.contract.models import (
     ChargePayment,
     Command,
     CompleteOrder,
@@ -21,6 +20,7 @@ from messages.models import (
     ReleaseStock,
     ReserveStock,
 )
+from messages.errors import DefinitionError
 
 
 class StepKind(enum.StrEnum):

@@ -18,7 +18,7 @@ from uuid import UUID, uuid5
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from messages.models import (
+from messages.contract.models import (
     Command,
     CommandFailed,
     CommandSucceeded,

@@ -10,7 +10,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
-from messages.models import HistoryEntry, SagaStatus
+from messages.contract.models import HistoryEntry, SagaStatus
 from orchestrator.engine import SAGA
 from orchestrator.store import SqliteStore
 

@@ -17,10 +17,11 @@ from urllib.parse import quote
 from pydantic import Field, SecretStr, field_validator
 from yarl import URL
 
-from messages import amqp, topology
+from messages.contract import topology
 from messages.errors import ConfigurationError
-from messages.management import ManagementApi
-from messages.settings import BrokerSettings, redact
+from messages.plumbing import amqp
+from messages.plumbing.management import ManagementApi
+from messages.plumbing.settings import BrokerSettings, redact
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from messages import amqp, tracing
-from messages.logs import saga_context
+from messages.plumbing import amqp, tracing
+from messages.plumbing.logs import saga_context
 from orchestrator.store import OutboxMessage, SagaStore
 
 log = logging.getLogger(__name__)

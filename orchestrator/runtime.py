@@ -25,15 +25,16 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from messages import amqp, topology, tracing
-from messages import health as liveness
-from messages.batching import GroupCommit
-from messages.codec import encode
+from messages.contract import topology
+from messages.contract.codec import encode
+from messages.contract.models import AbortSaga, ActionRefused, AnyMessage, PlaceOrder, Reply
 from messages.errors import Rejected, SagaNotFoundError, UnreadableSagaError
-from messages.logs import saga_context
-from messages.metrics import serve as serve_metrics
-from messages.models import AbortSaga, ActionRefused, AnyMessage, PlaceOrder, Reply
-from messages.service import run_all as run_service_tasks
+from messages.plumbing import amqp, tracing
+from messages.plumbing import health as liveness
+from messages.plumbing.batching import GroupCommit
+from messages.plumbing.logs import saga_context
+from messages.plumbing.metrics import serve as serve_metrics
+from messages.plumbing.service import run_all as run_service_tasks
 from orchestrator import engine, metrics
 from orchestrator.definition import SagaDefinition, order_saga
 from orchestrator.relay import OutboxRelay

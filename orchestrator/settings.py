@@ -6,8 +6,8 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from messages.settings import ServiceSettings
-from messages.topology import PARTICIPANTS
+from messages.contract.topology import PARTICIPANTS
+from messages.plumbing.settings import ServiceSettings
 
 
 class OrchestratorSettings(ServiceSettings):

@@ -21,10 +21,10 @@ from uuid import UUID
 
 from pydantic import ValidationError
 
-from messages.codec import Wire
+from messages.contract.codec import Wire
+from messages.contract.models import SagaStatus
 from messages.errors import AlreadyRunningError, ConcurrentUpdateError, UnreadableSagaError
-from messages.models import SagaStatus
-from messages.sqlite import open_sqlite
+from messages.plumbing.sqlite import open_sqlite
 from orchestrator.engine import SagaState
 
 log = logging.getLogger(__name__)

@@ -45,12 +45,12 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from children import Children
 from yarl import URL
 
-from messages import topology
-from messages.amqp import BROKER_ERRORS, Publisher, redact
-from messages.codec import decode
+from messages.contract import topology
+from messages.contract.codec import decode
+from messages.contract.models import HistoryEntry, Money, PlaceOrder, SagaFinished, SagaStatus
 from messages.errors import ConfigurationError, DecodeError, PublishFailedError
-from messages.models import HistoryEntry, Money, PlaceOrder, SagaFinished, SagaStatus
-from messages.settings import BrokerSettings, load
+from messages.plumbing.amqp import BROKER_ERRORS, Publisher, redact
+from messages.plumbing.settings import BrokerSettings, load
 
 ROOT = Path(__file__).resolve().parents[1]
 SAGA = "saga"  # the `step` of history entries about the saga as a whole (orchestrator.engine)

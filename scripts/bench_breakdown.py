@@ -38,8 +38,8 @@ from typing import Any
 import aiormq
 import aiormq.abc
 
-from messages import topology
-from messages.models import SagaFinished
+from messages.contract import topology
+from messages.contract.models import SagaFinished
 
 SAGA = "saga"  # the `step` of history entries about the saga as a whole (orchestrator.engine)
 COMMAND = "command"
@@ -187,7 +187,7 @@ class Tap:
     async def _on_copy(self, message: aiormq.abc.DeliveredMessage) -> None:
         seen = time.time()
         kind = COMMAND if message.exchange == topology.COMMANDS_EXCHANGE else REPLY
-        # correlation_id is the saga id on everything the services publish (messages.codec)
+        # correlation_id is the saga id on everything the services publish (messages.contract.codec)
         self.seen[message.header.properties.correlation_id or ""].append((seen, kind))
 
     def on_result(self, message: SagaFinished, published: float, received: float) -> None:

@@ -52,12 +52,12 @@ from uuid import UUID
 import pika
 import pika.exceptions
 
-from messages import topology
-from messages.client import Client
+from messages.contract import topology
+from messages.contract.models import Money, PlaceOrder, SagaFinished
 from messages.errors import ConfigurationError, SagaError
-from messages.management import ManagementApi
-from messages.models import Money, PlaceOrder, SagaFinished
-from messages.settings import redact
+from messages.plumbing.client import Client
+from messages.plumbing.management import ManagementApi
+from messages.plumbing.settings import redact
 from workers.faults import CRASH_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,11 +20,11 @@ from uuid import uuid4
 
 from pydantic import ValidationError
 
-from messages.client import Client
+from messages.contract.models import AnyMessage, PlaceOrder, SagaFinished, SagaStatus, parse_money
 from messages.errors import SagaError
-from messages.models import AnyMessage, PlaceOrder, SagaFinished, SagaStatus, parse_money
-from messages.settings import BrokerSettings, load
-from messages.timeline import render_result
+from messages.plumbing.client import Client
+from messages.plumbing.settings import BrokerSettings, load
+from messages.plumbing.timeline import render_result
 
 FLAGS = {"customer_id": "--customer", "sku": "--sku", "quantity": "--qty", "amount": "--amount"}
 EXIT_CODES = {SagaStatus.COMPLETED: 0, SagaStatus.COMPENSATED: 1, SagaStatus.FAILED: 2}

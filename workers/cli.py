@@ -13,13 +13,13 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
-from messages import health, logs
+from messages.contract.models import parse_money
 from messages.errors import ConfigurationError, SagaError
-from messages.metrics import serve as serve_metrics
-from messages.models import parse_money
-from messages.service import run_service
-from messages.settings import load
-from messages.sqlite import open_sqlite
+from messages.plumbing import health, logs
+from messages.plumbing.metrics import serve as serve_metrics
+from messages.plumbing.service import run_service
+from messages.plumbing.settings import load
+from messages.plumbing.sqlite import open_sqlite
 from workers import inventory, order, payment
 from workers.faults import Faults
 from workers.runtime import Participant, open_db, serve

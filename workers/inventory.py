@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 
-from messages.models import ReleaseStock, ReserveStock
+from messages.contract.models import ReleaseStock, ReserveStock
 from workers.runtime import Failed, Outcome, Participant, Succeeded, transaction
 
 log = logging.getLogger(__name__)

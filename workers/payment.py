@@ -12,7 +12,7 @@ import logging
 import sqlite3
 from decimal import Decimal
 
-from messages.models import ChargePayment, RefundPayment
+from messages.contract.models import ChargePayment, RefundPayment
 from workers.runtime import Failed, Outcome, Participant, Succeeded, transaction
 
 log = logging.getLogger(__name__)

@@ -22,14 +22,15 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from messages import amqp, topology, tracing
-from messages import health as liveness
-from messages.batching import GroupCommit
-from messages.codec import decode
+from messages.contract import topology
+from messages.contract.codec import decode
+from messages.contract.models import AnyMessage, Command, CommandFailed, CommandSucceeded, Reply
 from messages.errors import Rejected
-from messages.models import AnyMessage, Command, CommandFailed, CommandSucceeded, Reply
-from messages.service import run_all
-from messages.settings import BrokerSettings, ServiceSettings
+from messages.plumbing import amqp, tracing
+from messages.plumbing import health as liveness
+from messages.plumbing.batching import GroupCommit
+from messages.plumbing.service import run_all
+from messages.plumbing.settings import BrokerSettings, ServiceSettings
 from workers.faults import Faults
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from messages.settings import ServiceSettings
+from messages.plumbing.settings import ServiceSettings
 
 
 class WorkerSettings(ServiceSettings):

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from messages.errors import ConfigurationError
-from messages.management import ManagementApi
+from messages.plumbing.management import ManagementApi
 
 HOW_TO = (
     "set SAGA_TEST_AMQP_URL to a RabbitMQ with the management plugin "

@@ -22,9 +22,9 @@ from typing import Any
 
 import pika
 
-from messages import topology
-from messages.codec import decode, encode
-from messages.models import Envelope
+from messages.contract import topology
+from messages.contract.codec import decode, encode
+from messages.contract.models import Envelope
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 20.0

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from messages import topology
+from messages.contract import topology
 from tests.integration.rabbit_node import PrivateNode
 from tests.integration.stack import ROOT, Stack
 from tests.integration.test_saga_flows import ORDER

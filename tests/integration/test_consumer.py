@@ -9,9 +9,10 @@ from decimal import Decimal
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from messages import amqp, topology
-from messages.models import AnyMessage, Money, PlaceOrder
-from messages.settings import BrokerSettings
+from messages.contract import topology
+from messages.contract.models import AnyMessage, Money, PlaceOrder
+from messages.plumbing import amqp
+from messages.plumbing.settings import BrokerSettings
 from tests.integration.stack import amqp_channel, drain, send
 
 pytestmark = pytest.mark.broker

@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from messages import topology
-from messages.models import (
+from messages.contract import topology
+from messages.contract.models import (
     ChargePayment,
     CommandFailed,
     CommandSucceeded,

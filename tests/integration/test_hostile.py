@@ -32,9 +32,9 @@ from typing import Any
 
 import pytest
 
-from messages import topology
-from messages.codec import CONTENT_TYPE, DEFAULT_MAX_BYTES
-from messages.models import (
+from messages.contract import topology
+from messages.contract.codec import CONTENT_TYPE, DEFAULT_MAX_BYTES
+from messages.contract.models import (
     MESSAGE_TYPES,
     AbortSaga,
     ActionRefused,

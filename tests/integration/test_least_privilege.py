@@ -14,9 +14,9 @@ import pika
 import pika.exceptions
 import pytest
 
-from messages import topology
+from messages.contract import topology
+from messages.contract.models import CommandSucceeded, ReserveStock
 from messages.errors import ConfigurationError
-from messages.models import CommandSucceeded, ReserveStock
 from orchestrator.engine import command_id
 from orchestrator.provision import ROLES, user_names
 from tests.integration.broker import Broker

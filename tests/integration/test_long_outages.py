@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from messages import topology
-from messages.codec import decode
-from messages.models import CommandSucceeded, Money, PlaceOrder, SagaFinished
+from messages.contract import topology
+from messages.contract.codec import decode
+from messages.contract.models import CommandSucceeded, Money, PlaceOrder, SagaFinished
 from orchestrator.engine import command_id
 from tests.integration.stack import FAST_TIMEOUTS, ROOT, Stack, amqp_channel, drain, send
 from tests.integration.test_saga_flows import ORDER, sent

@@ -12,8 +12,8 @@ from decimal import Decimal
 
 import pytest
 
-from messages import topology
-from messages.models import Money, PlaceOrder, ReserveStock, SagaStatus
+from messages.contract import topology
+from messages.contract.models import Money, PlaceOrder, ReserveStock, SagaStatus
 from orchestrator import engine
 from orchestrator.definition import order_saga
 from orchestrator.store import SqliteStore

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from messages.delivery import _Acks
+from messages.plumbing.delivery import _Acks
 
 
 class SlowChannel:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from messages.batching import GroupCommit
+from messages.plumbing.batching import GroupCommit
 
 
 def batches_of(scenario: str) -> list[list[str]]:

@@ -21,7 +21,7 @@ from uuid import uuid4
 
 import pytest
 
-from messages.models import (
+from messages.contract.models import (
     ChargePayment,
     HistoryEntry,
     Money,
@@ -29,7 +29,7 @@ from messages.models import (
     SagaStatus,
     parse_money,
 )
-from messages.timeline import format_timeline
+from messages.plumbing.timeline import format_timeline
 from orchestrator.engine import SagaState
 from orchestrator.store import SqliteStore
 from workers import inventory, payment

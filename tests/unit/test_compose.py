@@ -29,8 +29,8 @@ import yaml
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
+from messages.contract.topology import PARTICIPANTS
 from messages.errors import ConfigurationError
-from messages.topology import PARTICIPANTS
 from orchestrator import cli as orchestrator_cli
 from orchestrator.provision import ProvisionSettings, permissions
 from orchestrator.settings import OrchestratorSettings
@@ -246,7 +246,8 @@ def required_files() -> list[str]:
 def packages() -> list[str]:
     pyproject = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))
     listed = pyproject.get("tool", {}).get("setuptools", {}).get("packages", [])
-    return sorted({*REQUIRED_PACKAGES, *listed})
+    # A subpackage comes with its top-level directory's COPY.
+    return sorted({*REQUIRED_PACKAGES, *(name.split(".")[0] for name in listed)})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from messages.errors import ConfigurationError, DefinitionError
-from messages.models import (
+from messages.contract.models import (
     ChargePayment,
     CompleteOrder,
     RefundPayment,
     ReleaseStock,
     ReserveStock,
 )
+from messages.errors import ConfigurationError, DefinitionError
 from orchestrator.definition import RetryPolicy, SagaDefinition, Step, StepKind, order_saga
 
 BOUNDED = RetryPolicy(timeout_s=10, max_attempts=3)

@@ -16,7 +16,7 @@ from uuid import UUID, uuid4, uuid5
 
 import pytest
 
-from messages.models import (
+from messages.contract.models import (
     ChargePayment,
     Command,
     CommandFailed,

@@ -18,10 +18,10 @@ import pika
 import pytest
 from _pytest.logging import LogCaptureHandler
 
-from messages import logs
-from messages.client import Client
 from messages.errors import ConfigurationError, SagaError
-from messages.settings import BrokerSettings, load
+from messages.plumbing import logs
+from messages.plumbing.client import Client
+from messages.plumbing.settings import BrokerSettings, load
 
 SAGA_ID = UUID("0b7d3c1e-5f43-4c3a-9a53-1d2f0c9e8a77")
 MESSAGE_ID = UUID("7f1e0b1c-2d3a-4b5c-8d6e-9f0a1b2c3d4e")

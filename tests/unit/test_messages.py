@@ -15,9 +15,8 @@ from uuid import UUID
 import pytest
 from pydantic import ValidationError
 
-from messages.codec import CONTENT_TYPE, decode, encode
-from messages.errors import DecodeError, SagaError
-from messages.models import (
+from messages.contract.codec import CONTENT_TYPE, decode, encode
+from messages.contract.models import (
     MESSAGE_TYPES,
     AbortSaga,
     ActionRefused,
@@ -36,6 +35,7 @@ from messages.models import (
     SagaStatus,
     parse_money,
 )
+from messages.errors import DecodeError, SagaError
 
 SAGA_ID = UUID("7f1b8a52-3c0e-4f6e-9d2b-6a4c1e0f9b31")
 COMMAND_ID = UUID("2a9e4c71-0b5d-4e8f-a316-c7d2e9f01b44")

@@ -10,7 +10,7 @@ import pytest
 from pydantic import Field
 
 from messages.errors import ConfigurationError
-from messages.settings import BrokerSettings, load
+from messages.plumbing.settings import BrokerSettings, load
 from orchestrator.provision import ROLES, ProvisionSettings, permissions, user_names
 from tests.integration.stack import ROOT
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from messages.contract.models import ReserveStock
 from messages.errors import Rejected
-from messages.models import ReserveStock
 from workers import inventory
 from workers.runtime import Handled, apply_batch, open_db
 

@@ -15,19 +15,19 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from messages.codec import encode
-from messages.errors import (
-    AlreadyRunningError,
-    ConcurrentUpdateError,
-    SagaError,
-    UnreadableSagaError,
-)
-from messages.models import (
+from messages.contract.codec import encode
+from messages.contract.models import (
     CommandFailed,
     CommandSucceeded,
     Money,
     PlaceOrder,
     SagaStatus,
+)
+from messages.errors import (
+    AlreadyRunningError,
+    ConcurrentUpdateError,
+    SagaError,
+    UnreadableSagaError,
 )
 from orchestrator.definition import order_saga
 from orchestrator.engine import (

@@ -14,11 +14,12 @@ import pika
 import pika.exceptions
 from yarl import URL
 
-from messages import topology, tracing
-from messages.codec import decode, encode
+from messages.contract import topology
+from messages.contract.codec import decode, encode
+from messages.contract.models import AnyMessage, Envelope
 from messages.errors import ConfigurationError, DecodeError, SagaError
-from messages.models import AnyMessage, Envelope
-from messages.settings import check_amqp_url, redact, tls_context
+from messages.plumbing import tracing
+from messages.plumbing.settings import check_amqp_url, redact, tls_context
 
 _NOT_RUNNING = "is the orchestrator running? It declares the saga queues at start."
 

@@ -7,8 +7,8 @@ from typing import Final
 
 from pydantic import TypeAdapter, ValidationError
 
+from messages.contract.models import MESSAGE_TYPES, AnyMessage, Envelope
 from messages.errors import DecodeError
-from messages.models import MESSAGE_TYPES, AnyMessage, Envelope
 
 CONTENT_TYPE: Final = "application/json"
 DEFAULT_MAX_BYTES: Final = 64 * 1024

@@ -1,7 +1,7 @@
 """The broker at the edge: connect with retries, reconnect, declare the topology.
 
 aio-pika connects, opens channels and declares; the hot path (publish with confirms,
-consume, ack, dead-letter) is messages.delivery, re-exported here. Services hand this
+consume, ack, dead-letter) is messages.plumbing.delivery, re-exported here. Services hand this
 module decoded messages and get back nothing AMQP-shaped, so the orchestrator and
 participant runtimes read as what they do, not how the broker works.
 """
@@ -22,20 +22,22 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
-from messages import topology
-from messages.delivery import BROKER_ERRORS as BROKER_ERRORS  # re-exported: the hot path
-from messages.delivery import Delivery as Delivery
-from messages.delivery import Handler as Handler
-from messages.delivery import Publisher as Publisher
-from messages.delivery import consume as consume
+from messages.contract import topology
 from messages.errors import (
     AlreadyRunningError,
     BrokerUnavailableError,
     ConfigurationError,
 )
-from messages.health import Health
-from messages.settings import BrokerSettings, tls_context
-from messages.settings import redact as redact  # re-exported: services log URLs through amqp
+from messages.plumbing.delivery import BROKER_ERRORS as BROKER_ERRORS  # re-exported: the hot path
+from messages.plumbing.delivery import Delivery as Delivery
+from messages.plumbing.delivery import Handler as Handler
+from messages.plumbing.delivery import Publisher as Publisher
+from messages.plumbing.delivery import consume as consume
+from messages.plumbing.health import Health
+from messages.plumbing.settings import BrokerSettings, tls_context
+from messages.plumbing.settings import (
+    redact as redact,  # re-exported: services log URLs through amqp
+)
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Literal
 from uuid import UUID
 
-from messages.tracing import current_trace_id
+from messages.plumbing.tracing import current_trace_id
 
 _saga_id: ContextVar[str] = ContextVar("saga_id", default="-")
 _step: ContextVar[str | None] = ContextVar("step", default=None)
@@ -77,5 +77,5 @@ def configure(level: str = "INFO", fmt: Literal["text", "json"] = "text") -> Non
     root.setLevel(level.upper())
     for name in ("aiormq", "aio_pika", "pika"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
-    # It logs every failed connect at ERROR; messages.amqp already says it once, clearly.
+    # It logs every failed connect at ERROR; messages.plumbing.amqp already says it once, clearly.
     logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)

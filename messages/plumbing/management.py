@@ -12,7 +12,7 @@ from urllib.parse import unquote
 from yarl import URL
 
 from messages.errors import ConfigurationError
-from messages.settings import redact
+from messages.plumbing.settings import redact
 
 
 class ManagementApi:

@@ -2,7 +2,7 @@
 
 Through aiormq directly, without aio-pika's message objects and its second task per
 delivery: this is where every message of every saga passes, several times. aio-pika
-(messages.amqp) connects, opens the channels and declares the topology.
+(messages.plumbing.amqp) connects, opens the channels and declares the topology.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from aio_pika.abc import AbstractChannel
 from pamqp import commands as spec
 from pamqp.common import FieldValue
 
-from messages import topology, tracing
-from messages.codec import Wire, decode, encode
+from messages.contract import topology
+from messages.contract.codec import Wire, decode, encode
+from messages.contract.models import AnyMessage, Envelope
 from messages.errors import AlreadyRunningError, DecodeError, PublishFailedError, Rejected
-from messages.logs import saga_context
-from messages.metrics import DEAD_LETTERED
-from messages.models import AnyMessage, Envelope
-from messages.settings import BrokerSettings
+from messages.plumbing import tracing
+from messages.plumbing.logs import saga_context
+from messages.plumbing.metrics import DEAD_LETTERED
+from messages.plumbing.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
 

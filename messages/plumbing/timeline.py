@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from messages.models import HistoryEntry, SagaFinished
+from messages.contract.models import HistoryEntry, SagaFinished
 
 
 def format_timeline(history: Sequence[HistoryEntry]) -> str:

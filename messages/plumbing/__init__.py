@@ -1,0 +1,1 @@
+"""What every process shares besides the contract: AMQP, settings, logs, tracing, metrics, ..."""
