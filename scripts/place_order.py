@@ -20,7 +20,7 @@ from uuid import uuid4
 
 from pydantic import ValidationError
 
-from messages.contract.models import AnyMessage, PlaceOrder, SagaFinished, SagaStatus, parse_money
+from messages.contract.models import Envelope, PlaceOrder, SagaFinished, SagaStatus, parse_money
 from messages.errors import SagaError
 from messages.plumbing.client import Client
 from messages.plumbing.settings import BrokerSettings, load
@@ -134,7 +134,7 @@ def place_many(client: Client, args: argparse.Namespace) -> int:
     return max((CODE_OF_STATE.get(state, 2) for state, _ in outcomes), default=2)
 
 
-def _finishes(message: AnyMessage, request: PlaceOrder) -> bool:
+def _finishes(message: Envelope, request: PlaceOrder) -> bool:
     return isinstance(message, SagaFinished) and message.saga_id == request.saga_id
 
 

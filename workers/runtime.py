@@ -24,7 +24,15 @@ from prometheus_client import Counter, Histogram
 
 from messages.contract import topology
 from messages.contract.codec import decode
-from messages.contract.models import AnyMessage, Command, CommandFailed, CommandSucceeded, Reply
+from messages.contract.models import (
+    MESSAGE_TYPES,
+    Command,
+    CommandFailed,
+    CommandSucceeded,
+    Envelope,
+    Reply,
+    message_types,
+)
 from messages.errors import Rejected
 from messages.plumbing import amqp, tracing
 from messages.plumbing import health as liveness
@@ -269,6 +277,9 @@ async def serve(
     # Replies carry our login as user_id (RabbitMQ checks it), so the orchestrator can tell
     # which service sent them.
     login = amqp.amqp_user(settings)
+    # The decoder knows the commands these participants handle (a saga declared outside
+    # messages/contract brings commands of its own).
+    types = {**MESSAGE_TYPES, **message_types(*(c for p in participants for c in p.handlers))}
 
     async def setup(session: amqp.Session) -> None:
         publish_channel = await session.channel(confirms=True)
@@ -278,7 +289,7 @@ async def serve(
             group = groups[participant.name]
             handler = _on_command(participant, group, publisher, faults, login, settings)
             queue = topology.command_queue(participant.name)
-            await session.consume(queue, publisher, handler, settings)
+            await session.consume(queue, publisher, handler, settings, types=types)
             url = amqp.redact(settings.amqp_url)
             log.info("%s ready: consuming %s on %s", participant.name, queue, url)
 
@@ -312,7 +323,7 @@ def _on_command(
     login: str,
     settings: BrokerSettings,
 ) -> amqp.Handler:
-    async def on_command(message: AnyMessage, delivery: amqp.Delivery) -> None:
+    async def on_command(message: Envelope, delivery: amqp.Delivery) -> None:
         if not isinstance(message, Command):
             raise Rejected("unexpected_type", f"{message.type} is not a command")
         began = time.perf_counter()

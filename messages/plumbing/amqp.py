@@ -23,6 +23,7 @@ from aio_pika.abc import (
 from yarl import URL
 
 from messages.contract import topology
+from messages.contract.models import MESSAGE_TYPES, MessageTypes
 from messages.errors import (
     AlreadyRunningError,
     BrokerUnavailableError,
@@ -136,11 +137,14 @@ class Session:
         settings: BrokerSettings,
         *,
         exclusive: bool = False,
+        types: MessageTypes = MESSAGE_TYPES,
     ) -> None:
         """``consume`` on a channel of its own; the session ends if the broker cancels it."""
         channel = await self.channel(prefetch=settings.prefetch)
         underlay = await channel.get_underlay_channel()
-        await consume(underlay, queue_name, publisher, handler, settings, exclusive=exclusive)
+        await consume(
+            underlay, queue_name, publisher, handler, settings, exclusive=exclusive, types=types
+        )
         underlay.on_consumer_cancel_callbacks.add(
             lambda _: self.lose(f"the broker cancelled the consumer of {queue_name}")
         )

@@ -16,7 +16,7 @@ from yarl import URL
 
 from messages.contract import topology
 from messages.contract.codec import decode, encode
-from messages.contract.models import AnyMessage, Envelope
+from messages.contract.models import Envelope
 from messages.errors import ConfigurationError, DecodeError, SagaError
 from messages.plumbing import tracing
 from messages.plumbing.settings import check_amqp_url, redact, tls_context
@@ -95,7 +95,7 @@ class Client:
                 "this one perhaps: check with saga show"
             ) from exc
 
-    def answers(self, timeout: float) -> Iterator[AnyMessage]:
+    def answers(self, timeout: float) -> Iterator[Envelope]:
         """Messages arriving on the reply queue until ``timeout`` seconds have passed."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
@@ -118,7 +118,7 @@ class Client:
             except DecodeError:
                 continue
 
-    def wait_for(self, accept: Callable[[AnyMessage], bool], timeout: float) -> AnyMessage | None:
+    def wait_for(self, accept: Callable[[Envelope], bool], timeout: float) -> Envelope | None:
         """The first answer ``accept`` takes, or None after ``timeout`` seconds."""
         for message in self.answers(timeout):
             if accept(message):

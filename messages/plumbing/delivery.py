@@ -20,7 +20,7 @@ from pamqp.common import FieldValue
 
 from messages.contract import topology
 from messages.contract.codec import Wire, decode, encode
-from messages.contract.models import AnyMessage, Envelope
+from messages.contract.models import MESSAGE_TYPES, Envelope, MessageTypes
 from messages.errors import AlreadyRunningError, DecodeError, PublishFailedError, Rejected
 from messages.plumbing import tracing
 from messages.plumbing.logs import saga_context
@@ -144,7 +144,7 @@ class Delivery:
         return dict(self.properties.headers or {})
 
 
-Handler = Callable[[AnyMessage, Delivery], Awaitable[None]]
+Handler = Callable[[Envelope, Delivery], Awaitable[None]]
 
 
 async def consume(
@@ -155,6 +155,7 @@ async def consume(
     settings: BrokerSettings,
     *,
     exclusive: bool = False,
+    types: MessageTypes = MESSAGE_TYPES,
 ) -> None:
     """Consume ``queue_name``: decode each delivery, hand it to ``handler``, then ack.
 
@@ -164,7 +165,7 @@ async def consume(
     consumer keeps going. A handler that raises gets the message again (requeued after a
     pause) up to SAGA_MAX_DELIVERIES times; then it is dead-lettered with the error.
     """
-    consumer = _Consumer(queue_name, publisher, handler, settings, _Acks(channel))
+    consumer = _Consumer(queue_name, publisher, handler, settings, _Acks(channel), types)
     try:
         await channel.queue_declare(queue_name, passive=True)
         await channel.basic_consume(queue_name, consumer.on_message, exclusive=exclusive)
@@ -250,8 +251,10 @@ class _Consumer:
         handler: Handler,
         settings: BrokerSettings,
         acks: _Acks,
+        types: MessageTypes,
     ) -> None:
         self.queue = queue
+        self.types = types
         self.publisher = publisher
         self.handler = handler
         self.settings = settings
@@ -270,6 +273,7 @@ class _Consumer:
                 content_type=properties.content_type,
                 type_hint=properties.message_type,
                 max_bytes=self.settings.max_message_bytes,
+                types=self.types,
             )
         except DecodeError as exc:
             await self._dead_letter(delivery, exc.reason, exc.detail)

@@ -10,7 +10,7 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from messages.contract import topology
-from messages.contract.models import AnyMessage, Money, PlaceOrder
+from messages.contract.models import Envelope, Money, PlaceOrder
 from messages.plumbing import amqp
 from messages.plumbing.settings import BrokerSettings
 from tests.integration.stack import amqp_channel, drain, send
@@ -44,7 +44,7 @@ def test_a_message_that_always_fails_is_dead_lettered_after_max_deliveries(amqp_
     calls: list[str] = []
     order = an_order()
 
-    async def always_fails(message: AnyMessage, delivery: amqp.Delivery) -> None:
+    async def always_fails(message: Envelope, delivery: amqp.Delivery) -> None:
         calls.append(str(message.message_id))
         raise RuntimeError("the database is on fire")
 
@@ -87,7 +87,7 @@ def test_a_message_still_being_handled_is_never_acked_by_a_later_ones_ack(amqp_u
     orders = [an_order() for _ in range(5)]
     handled: list[str] = []
 
-    async def first_one_hangs(message: AnyMessage, delivery: amqp.Delivery) -> None:
+    async def first_one_hangs(message: Envelope, delivery: amqp.Delivery) -> None:
         if message.message_id == orders[0].message_id:
             await asyncio.Event().wait()  # until the connection closes under it
         handled.append(str(message.message_id))
