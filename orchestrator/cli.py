@@ -22,7 +22,7 @@ from uuid import UUID
 from messages.contract.models import (
     AbortSaga,
     ActionRefused,
-    AnyMessage,
+    Envelope,
     SagaFinished,
     SagaStatus,
 )
@@ -32,9 +32,10 @@ from messages.plumbing.client import Client
 from messages.plumbing.service import run_service
 from messages.plumbing.settings import load
 from messages.plumbing.timeline import format_timeline, render_result
+from orchestrator.definition import as_text
 from orchestrator.engine import SAGA, SagaState
 from orchestrator.provision import ProvisionSettings, provision
-from orchestrator.runtime import Orchestrator
+from orchestrator.runtime import Orchestrator, definition_from
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.store import SqliteStore
 
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "saga") -> int:
         store = SqliteStore(settings.db_path, readonly=True)
         try:
             if args.command == "show":
-                return _show(store, args, settings.stuck_after_s)
+                return _show(store, args, settings)
             command = {"list": _list, "stats": _stats}[args.command]
             return command(store, args, settings.stuck_after_s)
         finally:
@@ -195,19 +196,15 @@ def _seconds(seconds: float) -> str:
 
 
 def _summary(state: SagaState, now: datetime, stuck_after_s: float) -> dict[str, object]:
-    order = state.request
     stuck_for = state.stuck_for(now, stuck_after_s)
     return {
         "saga_id": str(state.saga_id),
+        "saga": state.saga,
         "status": state.status.value,
         "step": _current_step(state),
         "reason": state.outcome,
         "stuck_for_s": None if stuck_for is None else round(stuck_for, 1),
-        "customer_id": order.customer_id,
-        "sku": order.sku,
-        "quantity": order.quantity,
-        "amount": str(order.amount.amount),
-        "currency": order.amount.currency,
+        "input": state.input,
         "created_at": state.created_at.isoformat(),
         "updated_at": state.updated_at.isoformat(),
     }
@@ -255,7 +252,8 @@ def _list_quarantined(store: SqliteStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def _show(store: SqliteStore, args: argparse.Namespace, stuck_after_s: float) -> int:
+def _show(store: SqliteStore, args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    stuck_after_s = settings.stuck_after_s
     state = store.get(args.saga_id)
     if state is None:
         raise SagaNotFoundError(
@@ -265,11 +263,12 @@ def _show(store: SqliteStore, args: argparse.Namespace, stuck_after_s: float) ->
     if args.json:
         print(state.model_dump_json(indent=2))
         return 0
-    order = state.request
     print(
         f"saga {state.saga_id}: {state.status}" + (f" ({state.outcome})" if state.outcome else "")
     )
-    print(f"order: {order.quantity} x {order.sku} for {order.customer_id}, {order.amount}")
+    known = {d.name: d for d in [definition_from(settings)]}
+    describe = known[state.saga].describe if state.saga in known else as_text
+    print(f"{state.saga}: {describe(state.input)}")
     print(f"started {state.created_at:%Y-%m-%d %H:%M:%S.%f}"[:-3] + " UTC")
     stuck_for = state.stuck_for(datetime.now(UTC), stuck_after_s)
     if stuck_for is not None:
@@ -333,7 +332,7 @@ def _steer(settings: OrchestratorSettings, args: argparse.Namespace) -> int:
     who = f"{getpass.getuser()}@{socket.gethostname()}"
     action = AbortSaga(saga_id=args.saga_id, reason=args.reason, requested_by=who)
 
-    def about_this_saga(message: AnyMessage) -> bool:
+    def about_this_saga(message: Envelope) -> bool:
         return isinstance(message, SagaFinished | ActionRefused) and message.saga_id == args.saga_id
 
     with Client(settings.amqp_url, watch_events=True, ca_file=settings.ca_file) as client:

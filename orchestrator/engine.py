@@ -24,12 +24,11 @@ from messages.contract.models import (
     CommandSucceeded,
     Envelope,
     HistoryEntry,
-    PlaceOrder,
     Reply,
     SagaFinished,
     SagaStatus,
 )
-from orchestrator.definition import RetryPolicy, SagaDefinition, StepKind
+from orchestrator.definition import Call, RetryPolicy, SagaDefinition, StepKind
 
 SAGA = "saga"  # the `step` of history entries about the saga as a whole
 # A step resent for hours would fill its history with "sent"/"timed_out" pairs; past the first
@@ -46,7 +45,8 @@ class SagaState(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     saga_id: UUID
-    request: PlaceOrder
+    saga: str = "order"  # the name of its definition
+    input: dict[str, Any]  # the saga's input as JSON data; its definition builds commands from it
     reply_to: str | None = None
     watchers: tuple[str, ...] = ()  # reply_to queues of repeated requests: they get the result too
     traceparent: str | None = None  # the request's W3C trace context, carried by every command
@@ -68,9 +68,15 @@ class SagaState(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _drop_retired(cls, data: Any) -> Any:
-        if isinstance(data, dict) and any(k in data for k in _RETIRED_FIELDS):
-            return {k: v for k, v in data.items() if k not in _RETIRED_FIELDS}
+    def _upgrade(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if any(k in data for k in (*_RETIRED_FIELDS, "request")):
+            data = {k: v for k, v in data.items() if k not in _RETIRED_FIELDS}
+        if isinstance(data.get("request"), dict):
+            # Before sagas were generic, the state held the whole PlaceOrder.
+            request = data.pop("request")
+            data["input"] = {k: v for k, v in request.items() if k not in Envelope.model_fields}
         return data
 
     @property
@@ -128,27 +134,23 @@ class Decision:
 
 def start(
     definition: SagaDefinition,
-    request: PlaceOrder,
+    request: Envelope,
     reply_to: str | None,
     now: datetime,
     traceparent: str | None = None,
 ) -> Decision:
     """A new saga for ``request``: send the first step's command."""
+    data = definition.input(request)
     state = SagaState(
         saga_id=request.saga_id,
-        request=request,
+        saga=definition.name,
+        input=data,
         reply_to=reply_to,
         traceparent=traceparent,
         created_at=now,
         updated_at=now,
     )
-    state = _record(
-        state,
-        now,
-        SAGA,
-        "started",
-        f"{request.quantity} x {request.sku} for {request.customer_id}, {request.amount}",
-    )
+    state = _record(state, now, SAGA, "started", definition.describe(data))
     return _send(definition, state, 0, 1, now)
 
 
@@ -221,7 +223,7 @@ def on_deadline(
         return Decision(state.model_copy(update={"deadline": (confirmed_at or now) + wait}))
     step = definition.steps[state.step]
     policy = _policy(definition, state)
-    command = _command_type(definition, state.step, _compensating(state)).__name__
+    command = _call(definition, state.step, _compensating(state)).type
     if _recorded(state.attempt):
         state = _record(state, now, step.name, "timed_out", f"{command} attempt {state.attempt}")
     if policy.max_attempts is None or state.attempt < policy.max_attempts:
@@ -256,7 +258,7 @@ def on_abort(
         state = _record(state, now, SAGA, "abort_requested", f"by {by}: {reason}")
         # The pending command may still be applied, so its step is compensated too.
         return _compensate(definition, state, range(state.step + 1), now, f"aborted: {reason}")
-    command = _command_type(definition, state.step, _compensating(state)).__name__
+    command = _call(definition, state.step, _compensating(state)).type
     if state.stuck_for(now, definition.stuck_after_s) is None:
         if state.status is SagaStatus.RUNNING:
             why = f"{command} is past the point of no return: the saga can only complete"
@@ -271,7 +273,7 @@ def on_abort(
     if state.status is SagaStatus.RUNNING:
         detail = f"aborted: {reason}; {command} unanswered, its effect is unknown"
         return _finish(state, SagaStatus.FAILED, now, detail, keep_pending=True)
-    left = [command] + [_command_type(definition, i, True).__name__ for i in state.to_compensate]
+    left = [command] + [_call(definition, i, True).type for i in state.to_compensate]
     why = f"aborted: {reason}; not compensated: {', '.join(left)}"
     state = state.model_copy(update={"unanswered": (*state.unanswered, why)})
     # Pending stays set, so a late answer to it is still recorded in the history.
@@ -310,27 +312,19 @@ def _recorded(attempt: int) -> bool:
     return attempt <= _RECORD_FIRST or attempt % _RECORD_EVERY == 0
 
 
-def _command_type(definition: SagaDefinition, index: int, compensating: bool) -> type[Command]:
+def _call(definition: SagaDefinition, index: int, compensating: bool) -> Call:
     step = definition.steps[index]
-    command = step.compensation if compensating else step.command
-    assert command is not None, f"step {step.name} has no compensation"
-    return command
+    call = step.compensation if compensating else step.command
+    assert call is not None, f"step {step.name} has no compensation"
+    return call
 
 
-def _build(
-    command: type[Command], state: SagaState, step: str, compensating: bool, now: datetime
-) -> Command:
-    # Commands take their payload from the order by field name: the saga stays data.
-    fields: dict[str, Any] = {
-        name: getattr(state.request, name)
-        for name in command.model_fields
-        if name not in Envelope.model_fields and name != "type"
-    }
-    return command(
+def _build(call: Call, state: SagaState, step: str, compensating: bool, now: datetime) -> Command:
+    return call.command(
         message_id=command_id(state.saga_id, step, compensating),
         saga_id=state.saga_id,
         created_at=now,
-        **fields,
+        **call.payload(state.input),
     )
 
 
@@ -339,9 +333,7 @@ def _send(
 ) -> Decision:
     step = definition.steps[index]
     compensating = _compensating(state)
-    command = _build(
-        _command_type(definition, index, compensating), state, step.name, compensating, now
-    )
+    command = _build(_call(definition, index, compensating), state, step.name, compensating, now)
     state = state.model_copy(update={"step": index})
     state = state.model_copy(
         update={

@@ -27,7 +27,15 @@ from uuid import UUID
 
 from messages.contract import topology
 from messages.contract.codec import encode
-from messages.contract.models import AbortSaga, ActionRefused, AnyMessage, PlaceOrder, Reply
+from messages.contract.models import (
+    MESSAGE_TYPES,
+    AbortSaga,
+    ActionRefused,
+    Envelope,
+    MessageTypes,
+    Reply,
+    message_types,
+)
 from messages.errors import Rejected, SagaNotFoundError, UnreadableSagaError
 from messages.plumbing import amqp, tracing
 from messages.plumbing import health as liveness
@@ -97,10 +105,22 @@ def check_reply_to(reply_to: str | None) -> None:
 class Orchestrator:
     """One orchestrator process: consumers, the deadline timer and the outbox relay."""
 
-    def __init__(self, settings: OrchestratorSettings, store: SagaStore) -> None:
+    def __init__(
+        self,
+        settings: OrchestratorSettings,
+        store: SagaStore,
+        definitions: Sequence[SagaDefinition] = (),
+    ) -> None:
+        """Run ``definitions`` (the order saga, from settings, when none are given)."""
         self.settings = settings
         self.store = store
-        self.definition = definition_from(settings)
+        self.definitions = {d.name: d for d in definitions or [definition_from(settings)]}
+        # A request starts the saga whose definition names its type.
+        self._starts = {d.request_type: d for d in self.definitions.values()}
+        self.message_types: MessageTypes = {
+            **MESSAGE_TYPES,
+            **message_types(*(m for d in self.definitions.values() for m in d.messages())),
+        }
         self.reply_users = settings.reply_users
         self._group: GroupCommit[engine.Decision, list[OutboxMessage]] = GroupCommit(
             self._write, self._committed, name="saga-writer"
@@ -172,7 +192,9 @@ class Orchestrator:
         ):
             # Exclusive: a second orchestrator on this vhost is refused instead of splitting
             # the sagas with a store that knows nothing of them.
-            await session.consume(queue, publisher, handler, self.settings, exclusive=True)
+            await session.consume(
+                queue, publisher, handler, self.settings, exclusive=True, types=self.message_types
+            )
         self._relay.attach(publisher)
         log.info(
             "orchestrator ready: consuming %s and %s on %s",
@@ -181,13 +203,14 @@ class Orchestrator:
             amqp.redact(self.settings.amqp_url),
         )
 
-    async def on_request(self, message: AnyMessage, incoming: amqp.Delivery) -> None:
-        """A PlaceOrder starts a saga (a repeated one gets the result too); operators abort."""
+    async def on_request(self, message: Envelope, incoming: amqp.Delivery) -> None:
+        """A request starts its saga (a repeated one gets the result too); operators abort."""
         check_reply_to(incoming.reply_to)
         if isinstance(message, AbortSaga):
             await self._abort(message, incoming.reply_to)
             return
-        if not isinstance(message, PlaceOrder):
+        definition = self._starts.get(message.type)
+        if definition is None:
             raise Rejected("unexpected_type", f"{message.type} does not belong on requests")
 
         def decide(state: engine.SagaState | None) -> engine.Decision:
@@ -202,11 +225,11 @@ class Orchestrator:
                     f"retention (SAGA_RETENTION_DAYS={self.settings.retention_days:g})",
                 )
             trace = tracing.outgoing().get(tracing.HEADER)
-            return engine.start(self.definition, message, incoming.reply_to, self.now(), trace)
+            return engine.start(definition, message, incoming.reply_to, self.now(), trace)
 
         await self._decide(message.saga_id, decide)
 
-    async def on_reply(self, message: AnyMessage, incoming: amqp.Delivery) -> None:
+    async def on_reply(self, message: Envelope, incoming: amqp.Delivery) -> None:
         """Apply a participant's reply to its saga, if it comes from that participant."""
         if not isinstance(message, Reply):
             raise Rejected("unexpected_type", f"{message.type} does not belong on replies")
@@ -215,21 +238,37 @@ class Orchestrator:
         def decide(state: engine.SagaState | None) -> engine.Decision:
             if state is None:
                 raise Rejected("unknown_saga", f"no saga {message.saga_id}")
-            return engine.on_reply(self.definition, state, message, self.now())
+            return engine.on_reply(self._definition(state), state, message, self.now())
 
         await self._decide(message.saga_id, decide)
 
+    def _definition(self, state: engine.SagaState) -> SagaDefinition:
+        try:
+            return self.definitions[state.saga]
+        except KeyError:
+            raise Rejected(
+                "unknown_definition", f"this orchestrator does not run {state.saga!r} sagas"
+            ) from None
+
     def _check_sender(self, reply: Reply, user_id: str | None) -> None:
-        """Only the step's own participant, logged in as its own user, may answer it."""
-        step = self.definition.step_for(reply.command_type)
-        if step is None:
+        """Only a participant whose step sends the command, as its own user, may answer it.
+
+        The engine then takes only the answer to the saga's own pending command.
+        """
+        steps = [
+            step
+            for definition in self.definitions.values()
+            if (step := definition.step_for(reply.command_type)) is not None
+        ]
+        if not steps:
             raise Rejected("unexpected_reply", f"no step sends {reply.command_type}")
-        if reply.participant != step.participant:
+        if reply.participant not in {step.participant for step in steps}:
             raise Rejected(
                 "wrong_participant",
-                f"{reply.command_type} is answered by {step.participant}, not {reply.participant}",
+                f"{reply.command_type} is answered by {steps[0].participant}, "
+                f"not {reply.participant}",
             )
-        expected = self.reply_users.get(step.participant)
+        expected = self.reply_users.get(reply.participant)
         if expected is not None and user_id != expected:
             raise Rejected(
                 "unauthenticated_reply",
@@ -244,7 +283,7 @@ class Orchestrator:
             if state is None:
                 raise SagaNotFoundError(f"no saga {action.saga_id}")
             return engine.on_abort(
-                self.definition, state, action.reason, action.requested_by, self.now()
+                self._definition(state), state, action.reason, action.requested_by, self.now()
             )
 
         log.info("%s requested by %s: %s", action.type, action.requested_by, action.reason)
@@ -416,7 +455,8 @@ class Orchestrator:
         def decide(state: engine.SagaState | None) -> engine.Decision:
             assert state is not None, "the store listed it as due"
             try:
-                return engine.on_deadline(self.definition, state, now, self._confirmed_at(state))
+                definition = self._definition(state)
+                return engine.on_deadline(definition, state, now, self._confirmed_at(state))
             except Exception as exc:
                 # A saga the engine cannot decide would fail again on every tick.
                 self._running.pop(saga_id, None)

@@ -998,7 +998,7 @@ class Snapshot:
 def _saga(row: tuple[str, str, str | None, str]) -> Saga:
     saga_id, status, reason, text = row
     state = json.loads(text)
-    request = state["request"]
+    request = state["input"]
     unanswered = state.get("unanswered") or []
     outcome = "; then ".join([reason or "compensation", *unanswered]) if unanswered else reason
     return Saga(

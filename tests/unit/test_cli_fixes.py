@@ -30,6 +30,7 @@ from messages.contract.models import (
     parse_money,
 )
 from messages.plumbing.timeline import format_timeline
+from orchestrator.definition import input_of
 from orchestrator.engine import SagaState
 from orchestrator.store import SqliteStore
 from workers import inventory, payment
@@ -71,7 +72,11 @@ def saga(status: SagaStatus = SagaStatus.RUNNING) -> SagaState:
     request = order()
     now = datetime.now(UTC)
     return SagaState(
-        saga_id=request.saga_id, request=request, status=status, created_at=now, updated_at=now
+        saga_id=request.saga_id,
+        input=input_of(request),
+        status=status,
+        created_at=now,
+        updated_at=now,
     )
 
 

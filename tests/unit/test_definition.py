@@ -11,34 +11,46 @@ import pytest
 from messages.contract.models import (
     ChargePayment,
     CompleteOrder,
+    PlaceOrder,
     RefundPayment,
     ReleaseStock,
     ReserveStock,
 )
 from messages.errors import ConfigurationError, DefinitionError
-from orchestrator.definition import RetryPolicy, SagaDefinition, Step, StepKind, order_saga
+from orchestrator.definition import (
+    Call,
+    RetryPolicy,
+    SagaDefinition,
+    Step,
+    StepKind,
+    order_saga,
+    pick,
+)
 
 BOUNDED = RetryPolicy(timeout_s=10, max_attempts=3)
 UNTIL_ANSWERED = RetryPolicy(timeout_s=10)
+RESERVE = Call(ReserveStock, pick("sku", "quantity"))
+RELEASE = Call(ReleaseStock, pick("sku", "quantity"))
+CHARGE = Call(ChargePayment, pick("customer_id", "amount"))
+REFUND = Call(RefundPayment, pick("customer_id", "amount"))
+COMPLETE = Call(CompleteOrder, pick("customer_id", "sku", "quantity", "amount"))
 
 
 def reserve(retry: RetryPolicy = BOUNDED) -> Step:
-    return Step(
-        "reserve_stock", "inventory", StepKind.COMPENSATABLE, ReserveStock, ReleaseStock, retry
-    )
+    return Step("reserve_stock", "inventory", StepKind.COMPENSATABLE, RESERVE, RELEASE, retry)
 
 
 def charge(kind: StepKind = StepKind.COMPENSATABLE, retry: RetryPolicy = BOUNDED) -> Step:
-    compensation = RefundPayment if kind is StepKind.COMPENSATABLE else None
-    return Step("charge_payment", "payment", kind, ChargePayment, compensation, retry)
+    compensation = REFUND if kind is StepKind.COMPENSATABLE else None
+    return Step("charge_payment", "payment", kind, CHARGE, compensation, retry)
 
 
 def complete(kind: StepKind = StepKind.PIVOT, retry: RetryPolicy = UNTIL_ANSWERED) -> Step:
-    return Step("complete_order", "order", kind, CompleteOrder, None, retry)
+    return Step("complete_order", "order", kind, COMPLETE, None, retry)
 
 
 def saga(*steps: Step, compensation_retry: RetryPolicy = UNTIL_ANSWERED) -> SagaDefinition:
-    return SagaDefinition("shop", tuple(steps), compensation_retry)
+    return SagaDefinition("shop", PlaceOrder, tuple(steps), compensation_retry)
 
 
 # --- what is accepted ------------------------------------------------------------------------
@@ -86,7 +98,7 @@ def test_a_saga_without_a_pivot_is_accepted() -> None:
                     "reserve_stock",
                     "inventory",
                     StepKind.COMPENSATABLE,
-                    ReserveStock,
+                    RESERVE,
                     None,
                     BOUNDED,
                 ),
@@ -100,8 +112,8 @@ def test_a_saga_without_a_pivot_is_accepted() -> None:
                     "complete_order",
                     "order",
                     StepKind.PIVOT,
-                    CompleteOrder,
-                    RefundPayment,
+                    COMPLETE,
+                    REFUND,
                     UNTIL_ANSWERED,
                 ),
             ),

@@ -8,6 +8,8 @@ what was sent to whom, the reason and the timeline.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -31,7 +33,15 @@ from messages.contract.models import (
     SagaStatus,
 )
 from orchestrator import engine
-from orchestrator.definition import RetryPolicy, SagaDefinition, Step, StepKind, order_saga
+from orchestrator.definition import (
+    Call,
+    RetryPolicy,
+    SagaDefinition,
+    Step,
+    StepKind,
+    order_saga,
+    pick,
+)
 from orchestrator.engine import (
     Decision,
     PublishResult,
@@ -54,20 +64,21 @@ SAGA = order_saga(STEP_TIMEOUT_S, STEP_ATTEMPTS, 2.0, MAX_WAIT_S, STUCK_AFTER_S)
 # Charge on delivery: the card is charged after the order is complete, so charging is retriable.
 CHARGE_ON_DELIVERY = SagaDefinition(
     name="charge_on_delivery",
+    request=PlaceOrder,
     steps=(
         Step(
             "reserve_stock",
             "inventory",
             StepKind.COMPENSATABLE,
-            ReserveStock,
-            ReleaseStock,
+            Call(ReserveStock, pick("sku", "quantity")),
+            Call(ReleaseStock, pick("sku", "quantity")),
             RetryPolicy(STEP_TIMEOUT_S, STEP_ATTEMPTS),
         ),
         Step(
             "complete_order",
             "order",
             StepKind.PIVOT,
-            CompleteOrder,
+            Call(CompleteOrder, pick("customer_id", "sku", "quantity", "amount")),
             None,
             RetryPolicy(STEP_TIMEOUT_S),
         ),
@@ -75,7 +86,7 @@ CHARGE_ON_DELIVERY = SagaDefinition(
             "charge_payment",
             "payment",
             StepKind.RETRIABLE,
-            ChargePayment,
+            Call(ChargePayment, pick("customer_id", "amount")),
             None,
             RetryPolicy(STEP_TIMEOUT_S),
         ),
@@ -1197,3 +1208,46 @@ def test_a_state_stored_by_the_previous_version_still_loads() -> None:
     assert loaded.saga_id == state.saga_id
     assert loaded.pending == state.pending
     assert loaded.history == state.history
+
+
+# --- the saga's input is data ----------------------------------------------------------------
+
+
+def test_commands_are_built_from_the_input_as_the_definition_says() -> None:
+    # Given a definition whose first command takes its SKU from another field of the input
+    renamed = Call(ReserveStock, lambda data: {"sku": data["replacement"], "quantity": 1})
+    step = dataclasses.replace(SAGA.steps[0], command=renamed)
+    definition = dataclasses.replace(
+        SAGA,
+        steps=(step, *SAGA.steps[1:]),
+        input=lambda request: {"replacement": "SKU-BLUE-MUG"},
+        describe=lambda data: f"swap for {data['replacement']}",
+    )
+
+    # When a saga starts
+    decision = start(definition, place_order(), REPLY_TO, T0)
+
+    # Then the command and the history come from the definition, not from PlaceOrder's fields
+    command = sent(decision).command
+    assert isinstance(command, ReserveStock)
+    assert (command.sku, command.quantity) == ("SKU-BLUE-MUG", 1)
+    assert decision.state.input == {"replacement": "SKU-BLUE-MUG"}
+    assert entries(decision.state, "started") == ["swap for SKU-BLUE-MUG"]
+
+
+def test_a_state_stored_before_sagas_were_generic_reads_back_as_an_order_saga() -> None:
+    # Given a running saga as stored by an earlier version: the whole PlaceOrder, no saga name
+    reserving = start(SAGA, place_order(), REPLY_TO, T0)
+    old = reserving.state.model_dump(mode="json", exclude={"saga", "input"})
+    old["request"] = place_order().model_dump(mode="json")
+
+    # When it is read back and its reservation succeeds
+    state = SagaState.model_validate_json(json.dumps(old))
+    charging = on_reply(SAGA, state, succeeded(sent(reserving)), at(1))
+
+    # Then it is an order saga whose input is the order, and it charges the right amount
+    assert state.saga == "order"
+    assert state.input == reserving.state.input
+    command = sent(charging).command
+    assert isinstance(command, ChargePayment)
+    assert (command.customer_id, command.amount) == ("cust-42", place_order().amount)
