@@ -53,8 +53,16 @@ class AlreadyRunningError(ConfigurationError):
     """Raised when another orchestrator already owns this store or this vhost's queues."""
 
 
-class BrokerUnavailableError(SagaError):
+class UnavailableError(SagaError):
+    """Raised when something a service needs stayed out of reach longer than it may wait."""
+
+
+class BrokerUnavailableError(UnavailableError):
     """Raised when the broker stayed out of reach longer than the service may wait for it."""
+
+
+class StoreUnavailableError(UnavailableError):
+    """Raised when the saga store could not be written for longer than a lease lasts."""
 
 
 class UnreadableSagaError(SagaError):

@@ -37,7 +37,7 @@ from orchestrator.engine import SAGA, SagaState
 from orchestrator.provision import ProvisionSettings, provision
 from orchestrator.runtime import Orchestrator, definition_from
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.store import SqliteStore
+from orchestrator.store import SagaStore, open_store
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "saga") -> int:
             return _health(settings)
         if args.command == "abort":
             return _steer(settings, args)
-        store = SqliteStore(settings.db_path, readonly=True)
+        store = open_store(settings, readonly=True)
         try:
             if args.command == "show":
                 return _show(store, args, settings)
@@ -169,7 +169,7 @@ def _health(settings: OrchestratorSettings) -> int:
 
 
 def _run(settings: OrchestratorSettings) -> int:
-    store = SqliteStore(settings.db_path)
+    store = open_store(settings)
     try:
         return run_service(Orchestrator(settings, store).run())
     finally:
@@ -210,7 +210,7 @@ def _summary(state: SagaState, now: datetime, stuck_after_s: float) -> dict[str,
     }
 
 
-def _list(store: SqliteStore, args: argparse.Namespace, stuck_after_s: float) -> int:
+def _list(store: SagaStore, args: argparse.Namespace, stuck_after_s: float) -> int:
     if args.state is SagaStatus.QUARANTINED:
         return _list_quarantined(store, args)
     now = datetime.now(UTC)
@@ -235,7 +235,7 @@ def _list(store: SqliteStore, args: argparse.Namespace, stuck_after_s: float) ->
     return 0
 
 
-def _list_quarantined(store: SqliteStore, args: argparse.Namespace) -> int:
+def _list_quarantined(store: SagaStore, args: argparse.Namespace) -> int:
     """Sagas the orchestrator set aside because it could not read or decide them."""
     rows = store.quarantined(args.limit)
     if args.json:
@@ -252,7 +252,7 @@ def _list_quarantined(store: SqliteStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def _show(store: SqliteStore, args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+def _show(store: SagaStore, args: argparse.Namespace, settings: OrchestratorSettings) -> int:
     stuck_after_s = settings.stuck_after_s
     state = store.get(args.saga_id)
     if state is None:
@@ -283,7 +283,7 @@ def _show(store: SqliteStore, args: argparse.Namespace, settings: OrchestratorSe
 _IN_FLIGHT = (SagaStatus.RUNNING, SagaStatus.COMPENSATING)  # what stats.oldest_running covers
 
 
-def _stats(store: SqliteStore, args: argparse.Namespace, stuck_after_s: float) -> int:
+def _stats(store: SagaStore, args: argparse.Namespace, stuck_after_s: float) -> int:
     stats = store.stats()
     stuck = store.stuck(datetime.now(UTC), stuck_after_s)
     durations = stats.durations_s

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -12,7 +11,7 @@ from prometheus_client.registry import REGISTRY, Collector
 
 from messages.contract.models import HistoryEntry, SagaStatus
 from orchestrator.engine import SAGA
-from orchestrator.store import SqliteStore
+from orchestrator.store import SagaStore
 
 STARTED = Counter("saga_started", "Sagas started")
 FINISHED = Counter("saga_finished", "Sagas finished, by outcome", ["outcome"])
@@ -67,12 +66,12 @@ class StoreCollector(Collector):
     metrics server's thread, so it opens its own read-only connection.
     """
 
-    def __init__(self, db_path: Path, stuck_after_s: float) -> None:
-        self.db_path = db_path
+    def __init__(self, open_store: Callable[[], SagaStore], stuck_after_s: float) -> None:
+        self.open_store = open_store  # read-only
         self.stuck_after_s = stuck_after_s
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        store = SqliteStore(self.db_path, readonly=True)
+        store = self.open_store()
         try:
             counts = store.counts()
             depth = store.outbox_depth()
@@ -91,6 +90,6 @@ class StoreCollector(Collector):
         )
 
 
-def register_store(db_path: Path, stuck_after_s: float) -> None:
+def register_store(open_store: Callable[[], SagaStore], stuck_after_s: float) -> None:
     """Add the store's gauges to the default registry."""
-    REGISTRY.register(StoreCollector(db_path, stuck_after_s))
+    REGISTRY.register(StoreCollector(open_store, stuck_after_s))

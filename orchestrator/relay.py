@@ -1,7 +1,9 @@
 """The outbox relay: publish committed messages, forget them once the broker confirms.
 
 Rows are handed over straight from memory once their commit is on disk (``send``); the
-outbox table is read only at start, for what an earlier run left unpublished. Publishing
+outbox table is read only for rows no live orchestrator holds: at start, what an earlier
+run left unpublished, and in a shared store, every few seconds, the rows of an
+orchestrator that stopped renewing its lease. Publishing
 never waits for the previous confirm: confirms come back asynchronously, and confirmed rows
 are deleted by the next commit of saga state (no fsync of their own), or after a quiet
 moment. A row whose publish fails (no connection, unroutable, nacked, or no confirm in
@@ -18,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from messages.plumbing import amqp, tracing
 from messages.plumbing.logs import saga_context
@@ -27,8 +30,18 @@ log = logging.getLogger(__name__)
 
 BATCH = 512
 MAX_IN_FLIGHT = 4096  # unconfirmed publishes at once; bounds memory under a slow broker
+ORPHANS_EVERY_S = 5.0  # in a shared store: how often to look for rows a dead writer left
 IDLE_FLUSH_S = 0.05  # how long confirmed rows may wait to be deleted when nothing else happens
 FIRST_RETRY_S = 0.25  # wait before a failed row's first retry; doubles up to max_retry_s
+
+
+X = TypeVar("X")
+
+
+class InWriter(Protocol):
+    """Runs store writes in the writer thread, between commits."""
+
+    def __call__(self, work: Callable[[], X]) -> Awaitable[X]: ...
 
 
 @dataclass
@@ -53,7 +66,7 @@ class OutboxRelay:
         still_wanted: Callable[[OutboxMessage], bool],
         publish_timeout_s: float,
         max_retry_s: float,
-        in_writer: Callable[[Callable[[], None]], Awaitable[None]],
+        in_writer: InWriter,
     ) -> None:
         self.store = store
         self.in_writer = in_writer  # runs store writes in the writer thread, between commits
@@ -65,10 +78,7 @@ class OutboxRelay:
         self._attached = asyncio.Event()
         self._ready = asyncio.Event()
         self._queue: deque[OutboxMessage] = deque()  # committed, not yet handed to the broker
-        # Rows an earlier run left in the outbox are read from it, up to this id; later ones
-        # come through ``send``.
-        self._backlog_until = store.outbox_last_id()
-        self._cursor = 0  # highest backlog row id read from the store
+        self._orphans_at = 0.0  # time.monotonic() of the next look for rows no one holds
         # Confirmed rows, taken by the writer thread's next commit: a deque, since appends on
         # the loop and pops in the writer need no lock.
         self._confirmed: deque[int] = deque()
@@ -115,8 +125,8 @@ class OutboxRelay:
                 await self._attached.wait()
                 self._ready.clear()
                 try:
-                    # The backlog first: if reading it fails, no retry is left marked in flight.
-                    rows = self._backlog() + self._due_retries() + self._take(BATCH)
+                    # Orphans first: if claiming them fails, no retry is left marked in flight.
+                    rows = await self._orphans() + self._due_retries() + self._take(BATCH)
                 except Exception:
                     log.exception("reading the outbox failed; trying again")
                     await asyncio.sleep(self.max_retry_s / 10)
@@ -133,14 +143,17 @@ class OutboxRelay:
             for task in self._tasks:
                 task.cancel()
 
-    def _backlog(self) -> list[OutboxMessage]:
-        """The next rows an earlier run left in the outbox, if any are left to read."""
-        if self._cursor >= self._backlog_until:
+    async def _orphans(self) -> list[OutboxMessage]:
+        """Rows no live orchestrator holds (claimed for this one), when it is time to look."""
+        if time.monotonic() < self._orphans_at:
             return []
-        rows = self.store.outbox(BATCH, after=self._cursor)
-        ids = [row.id or 0 for row in rows]
-        self._cursor = max(ids, default=self._backlog_until)
-        return [row for row, i in zip(rows, ids, strict=True) if i <= self._backlog_until]
+        rows = await self.in_writer(functools.partial(self.store.claim_orphans, BATCH))
+        if rows:
+            log.info("publishing %d outbox message(s) that no live orchestrator holds", len(rows))
+        if len(rows) < BATCH:  # all taken: look again later, or never when no one else writes
+            later = ORPHANS_EVERY_S if self.store.shared else float("inf")
+            self._orphans_at = time.monotonic() + later
+        return rows
 
     def _take(self, limit: int) -> list[OutboxMessage]:
         rows: list[OutboxMessage] = []

@@ -8,10 +8,12 @@ memory, which publishes them with confirms and deletes each row only once the br
 it; the confirm times of commands are kept, so a deadline counts from when the broker took
 the command.
 
-This process owns every saga in its store (a lock file, and exclusive consumers, make sure
-it is the only one), which is what lets it keep running sagas in memory. Several
-orchestrators would each own a share of the sagas (a partition) and keep only those; handing
-a partition over means dropping its sagas from memory and reading them back from the store.
+On SQLite this process owns every saga in its store (a lock file, and exclusive consumers,
+make sure it is the only one), which is what lets it keep running sagas in memory. On a
+shared store (PostgreSQL) several orchestrators take events from the same queues: each reads
+the saga from the store, and the store's version check on commit decides between them (the
+loser decides again from what the winner stored); each publishes its own outbox rows and
+holds a lease on them, and rows whose writer's lease ran out are claimed by another.
 A lost connection is set up again from scratch (``amqp.run_connected``); the timer and the
 store carry on meanwhile.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
@@ -36,7 +39,13 @@ from messages.contract.models import (
     Reply,
     message_types,
 )
-from messages.errors import Rejected, SagaNotFoundError, UnreadableSagaError
+from messages.errors import (
+    ConcurrentUpdateError,
+    Rejected,
+    SagaNotFoundError,
+    StoreUnavailableError,
+    UnreadableSagaError,
+)
 from messages.plumbing import amqp, tracing
 from messages.plumbing import health as liveness
 from messages.plumbing.batching import GroupCommit
@@ -47,10 +56,12 @@ from orchestrator import engine, metrics
 from orchestrator.definition import SagaDefinition, order_saga
 from orchestrator.relay import OutboxRelay
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.store import OutboxMessage, SagaStore
+from orchestrator.store import OutboxMessage, SagaStore, open_store
+from orchestrator.store.base import LEASE_S
 
 log = logging.getLogger(__name__)
 
+CONFLICT_ATTEMPTS = 5  # decisions of one event lost to another orchestrator before giving up
 DUE_BATCH = 256  # sagas whose deadline passed, handled per timer tick
 PRUNE_EVERY_S = 3600.0  # how often finished sagas past the retention are deleted
 PRUNE_BATCH = 1000  # sagas deleted per transaction, so commits never wait long behind it
@@ -131,8 +142,10 @@ class Orchestrator:
             UUID, tuple[engine.SagaState, asyncio.Future[list[OutboxMessage]]]
         ] = {}
         # Running sagas as last committed, so an event need not read and parse its saga back
-        # from the store. Safe because this process alone writes the store (its lock); with
-        # several orchestrators each would keep only the sagas it owns.
+        # from the store. Only when this process alone writes the store (SQLite's lock): in a
+        # shared store every event reads its saga, and the version check on commit decides
+        # between orchestrators.
+        self._cache = not store.shared
         self._running: dict[UUID, engine.SagaState] = {}
         # When the broker confirmed each running saga's latest command: its wait counts from
         # there. Lost in a crash, and then counted from this process's start instead.
@@ -154,7 +167,8 @@ class Orchestrator:
     async def run(self) -> None:
         """Run until cancelled, or until the broker stays away too long (raises)."""
         if self.settings.metrics_port:
-            metrics.register_store(self.settings.db_path, self.settings.stuck_after_s)
+            reader = functools.partial(open_store, self.settings, readonly=True)
+            metrics.register_store(reader, self.settings.stuck_after_s)
             serve_metrics(self.settings.metrics_port)
         if not self.reply_users:
             log.info("SAGA_PARTICIPANT_USERS is not set: replies are not checked for their sender")
@@ -175,6 +189,7 @@ class Orchestrator:
                     "deadline-timer": self._timer(),
                     "pruner": self._pruner(),
                     "health": health.run(),
+                    **({"lease": self._lease()} if self.store.shared else {}),
                     "connection": connected,
                 }
             )
@@ -190,10 +205,15 @@ class Orchestrator:
             (topology.REQUESTS_QUEUE, self.on_request),
             (topology.REPLIES_QUEUE, self.on_reply),
         ):
-            # Exclusive: a second orchestrator on this vhost is refused instead of splitting
-            # the sagas with a store that knows nothing of them.
+            # Exclusive unless the store is shared: a second orchestrator on this vhost is
+            # refused instead of splitting the sagas with a store that knows nothing of them.
             await session.consume(
-                queue, publisher, handler, self.settings, exclusive=True, types=self.message_types
+                queue,
+                publisher,
+                handler,
+                self.settings,
+                exclusive=not self.store.shared,
+                types=self.message_types,
             )
         self._relay.attach(publisher)
         log.info(
@@ -323,8 +343,24 @@ class Orchestrator:
     ) -> str | None:
         """Run the engine on the saga's latest state; return once the result is committed.
 
-        Returns why nothing changed, when the engine ignored the event.
+        Returns why nothing changed, when the engine ignored the event. When another
+        orchestrator (or a quarantine) changed the saga first, decide again from the store.
         """
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                return await self._decide_once(saga_id, decide)
+            except ConcurrentUpdateError as exc:
+                self._running.pop(saga_id, None)
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise
+                log.info("deciding again: %s", exc)
+        raise AssertionError("unreachable")
+
+    async def _decide_once(
+        self,
+        saga_id: UUID,
+        decide: Callable[[engine.SagaState | None], engine.Decision],
+    ) -> str | None:
         uncommitted = self._uncommitted.get(saga_id)
         state = uncommitted[0] if uncommitted else self._load(saga_id)
         decision = decide(state)
@@ -348,7 +384,7 @@ class Orchestrator:
         return None
 
     def _load(self, saga_id: UUID) -> engine.SagaState | None:
-        if saga_id in self._running:
+        if saga_id in self._running:  # never filled when the store is shared
             return self._running[saga_id]
         try:
             return self.store.get(saga_id)
@@ -392,10 +428,30 @@ class Orchestrator:
                 self._running.pop(state.saga_id, None)
                 if state.status.finished:
                     self._confirmed.pop(state.saga_id, None)
-            else:
+            elif self._cache:
                 self._running[state.saga_id] = stored
             if not isinstance(result, Exception):
                 self._relay.send(result)
+
+    async def _lease(self) -> None:
+        """Renew this orchestrator's lease on its outbox rows; exit if it cannot for long.
+
+        Past the lease another orchestrator publishes those rows: better to stop (and be
+        restarted by the supervisor) than to go on as a second publisher of them.
+        """
+        renewed = time.monotonic()
+        while True:
+            await asyncio.sleep(LEASE_S / 5)
+            try:
+                await self._group.run(self.store.heartbeat)
+                renewed = time.monotonic()
+            except Exception as exc:
+                silent = time.monotonic() - renewed
+                if silent > LEASE_S * 0.6:
+                    raise StoreUnavailableError(
+                        f"the saga store has refused this orchestrator's lease for {silent:.0f}s"
+                    ) from exc
+                log.warning("renewing the outbox lease failed (%s); trying again", exc)
 
     async def _pruner(self) -> None:
         """Delete finished sagas once they are older than the retention, every hour."""

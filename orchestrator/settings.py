@@ -34,6 +34,12 @@ class OrchestratorSettings(ServiceSettings):
         gt=0,
         description="A saga waiting this long for one reply is stuck: listed, counted, abortable",
     )
+    store_url: str = Field(
+        default="",
+        description="Where saga state lives: empty for orchestrator.db in SAGA_DATA_DIR (SQLite, "
+        "one orchestrator), a path to another SQLite file, or postgresql://... (several "
+        "orchestrators may share it)",
+    )
     participant_users: str = Field(
         default="",
         description="participant=RabbitMQ user,...: accept a participant's replies only from "
@@ -53,7 +59,15 @@ class OrchestratorSettings(ServiceSettings):
 
     @property
     def db_path(self) -> Path:
+        """The SQLite file, when the store is one."""
+        if self.store_url and not self.postgres:
+            return Path(self.store_url)
         return self.data_dir / "orchestrator.db"
+
+    @property
+    def postgres(self) -> bool:
+        """Whether the store is a PostgreSQL database."""
+        return self.store_url.startswith(("postgresql://", "postgres://"))
 
 
 def parse_users(text: str) -> dict[str, str]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import psycopg
 import pytest
 
 from tests.integration.broker import Broker, from_environment, start_container
@@ -34,12 +37,45 @@ def _broker_of(config: pytest.Config) -> Broker:
     return config.stash[_BROKER][0]
 
 
+# PostgreSQL runs on every development and CI machine here (trust auth, user postgres).
+POSTGRES_URL = os.environ.get(
+    "SAGA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _check_postgres() -> None:
+    try:
+        psycopg.connect(POSTGRES_URL, connect_timeout=5).close()
+    except psycopg.Error as exc:
+        pytest.exit(
+            f"no PostgreSQL for the store tests at {POSTGRES_URL} ({exc}): start it, or set "
+            "SAGA_TEST_POSTGRES_URL to one where this user may create schemas",
+            returncode=NO_BROKER,
+        )
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Check the broker before the first test, and only if a selected test needs one."""
+    """Check the broker and PostgreSQL before the first test, if a selected test needs them."""
     if session.config.option.collectonly:
         return
     if any(item.get_closest_marker("broker") for item in session.items):
         _broker_of(session.config)
+    if any(item.get_closest_marker("postgres") for item in session.items):
+        _check_postgres()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A URL of a fresh schema of its own in the test PostgreSQL, dropped after the test."""
+    schema = f"saga_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as db:
+        db.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    try:
+        yield f"{POSTGRES_URL}{separator}options={quote(f'-csearch_path={schema}')}"
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as db:
+            db.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

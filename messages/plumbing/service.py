@@ -10,7 +10,7 @@ from typing import Any
 
 import uvloop
 
-from messages.errors import BrokerUnavailableError
+from messages.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def run_service(main: Coroutine[Any, Any, None]) -> int:
         uvloop.run(wrapper())
     except asyncio.CancelledError:
         log.info("stopped")
-    except BrokerUnavailableError as exc:
+    except UnavailableError as exc:
         # Exit rather than hang: the supervisor (compose, systemd) restarts us.
         log.error("giving up: %s", exc)
         return EX_UNAVAILABLE

@@ -38,7 +38,12 @@ def test_every_setting_is_documented_with_its_default() -> None:
 
 def test_readme_mentions_no_setting_that_does_not_exist() -> None:
     mentioned = set(re.findall(r"SAGA_[A-Z_]+[A-Z]", README))
-    not_settings = {"SAGA_TEST_AMQP_URL", "SAGA_TEST_MANAGEMENT_URL", "SAGA_ID"}
+    not_settings = {
+        "SAGA_TEST_AMQP_URL",
+        "SAGA_TEST_MANAGEMENT_URL",
+        "SAGA_TEST_POSTGRES_URL",
+        "SAGA_ID",
+    }
     assert mentioned - not_settings <= set(real_settings())
 
 

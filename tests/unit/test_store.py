@@ -1,5 +1,7 @@
-"""The SQLite store on a real file: saga state and its outbox, committed together, kept safe.
+"""The stores on a real SQLite file and a real PostgreSQL: saga state and its outbox, kept safe.
 
+Every behaviour of the SagaStore protocol runs against both engines; what only one of them
+does (SQLite's one-writer lock, PostgreSQL's shared outbox leases) is tested on its own.
 States come from the real engine so that what is stored is what the orchestrator stores.
 """
 
@@ -7,12 +9,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from uuid import UUID, uuid4
 
+import psycopg
 import pytest
 
 from messages.contract.codec import encode
@@ -38,7 +42,8 @@ from orchestrator.engine import (
     on_reply,
     start,
 )
-from orchestrator.store import OutboxMessage, SqliteStore
+from orchestrator.store import OutboxMessage, SagaStore, SqliteStore
+from orchestrator.store.postgres import PostgresStore
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 TIMEOUT_S = 10.0
@@ -54,9 +59,42 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "data" / "orchestrator.db"
 
 
+@dataclass(frozen=True)
+class Backend:
+    """A store engine under test, and what a test does behind the store's back."""
+
+    name: str
+    open: Callable[..., SagaStore]  # readonly=... as the stores take it
+    run_sql: Callable[[str, tuple[object, ...]], None]  # in the engine's own placeholders
+
+
+def _sqlite(db_path: Path) -> Backend:
+    def run_sql(sql: str, args: tuple[object, ...]) -> None:
+        with sqlite3.connect(db_path) as db:
+            db.execute(sql, args)
+        db.close()
+
+    return Backend("sqlite", lambda **kw: SqliteStore(db_path, **kw), run_sql)
+
+
+def _postgres(url: str) -> Backend:
+    def run_sql(sql: str, args: tuple[object, ...]) -> None:
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute(sql.replace("?", "%s"), args)  # type: ignore[arg-type]
+
+    return Backend("postgres", lambda **kw: PostgresStore(url, **kw), run_sql)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest, db_path: Path) -> Backend:
+    if request.param == "sqlite":
+        return _sqlite(db_path)
+    return _postgres(request.getfixturevalue("postgres_url"))
+
+
 @pytest.fixture
-def store(db_path: Path) -> Iterator[SqliteStore]:
-    opened = SqliteStore(db_path)
+def store(backend: Backend) -> Iterator[SagaStore]:
+    opened = backend.open()
     yield opened
     opened.close()
 
@@ -117,7 +155,7 @@ def without_ids(rows: list[OutboxMessage]) -> list[OutboxMessage]:
     ]
 
 
-def commit_advanced(store: SqliteStore, stored: SagaState, decision: Decision) -> SagaState:
+def commit_advanced(store: SagaStore, stored: SagaState, decision: Decision) -> SagaState:
     """Commit the engine's next state for a saga read as ``stored`` (carrying its version)."""
     return store.commit(
         decision.state.model_copy(update={"version": stored.version}), outbox_of(decision)
@@ -127,7 +165,7 @@ def commit_advanced(store: SqliteStore, stored: SagaState, decision: Decision) -
 # --- commit and get --------------------------------------------------------------------------
 
 
-def test_a_new_saga_is_stored_with_version_1(store: SqliteStore) -> None:
+def test_a_new_saga_is_stored_with_version_1(store: SagaStore) -> None:
     decision = started()
 
     stored = store.commit(decision.state, outbox_of(decision))
@@ -139,13 +177,13 @@ def test_a_new_saga_is_stored_with_version_1(store: SqliteStore) -> None:
     assert loaded.model_copy(update={"version": 0}) == decision.state
 
 
-def test_an_unknown_saga_is_none(store: SqliteStore) -> None:
+def test_an_unknown_saga_is_none(store: SagaStore) -> None:
     store.commit(started().state, [])
 
     assert store.get(uuid4()) is None
 
 
-def test_each_commit_bumps_the_version(store: SqliteStore) -> None:
+def test_each_commit_bumps_the_version(store: SagaStore) -> None:
     first = started()
     v1 = store.commit(first.state, outbox_of(first))
 
@@ -160,7 +198,7 @@ def test_each_commit_bumps_the_version(store: SqliteStore) -> None:
     assert loaded.history == second.state.history
 
 
-def test_a_stale_version_is_refused_and_changes_nothing(store: SqliteStore) -> None:
+def test_a_stale_version_is_refused_and_changes_nothing(store: SagaStore) -> None:
     # Given a saga stored and then advanced by one writer
     first = started()
     v1 = store.commit(first.state, outbox_of(first))
@@ -180,7 +218,7 @@ def test_a_stale_version_is_refused_and_changes_nothing(store: SqliteStore) -> N
 
 
 def test_a_second_start_of_the_same_saga_is_refused_and_changes_nothing(
-    store: SqliteStore,
+    store: SagaStore,
 ) -> None:
     saga_id = uuid4()
     first = store.commit(started(saga_id=saga_id).state, [])
@@ -199,7 +237,7 @@ def test_concurrent_update_error_is_a_saga_error() -> None:
 # --- the outbox ------------------------------------------------------------------------------
 
 
-def test_outbox_rows_come_back_in_commit_order_until_done(store: SqliteStore) -> None:
+def test_outbox_rows_come_back_in_commit_order_until_done(store: SagaStore) -> None:
     # Given two sagas: one started, one finished at once (its first step refused)
     a = started(saga_id=UUID("00000000-0000-4000-8000-00000000000a"))
     b_start = started(saga_id=UUID("00000000-0000-4000-8000-00000000000b"))
@@ -226,7 +264,7 @@ def test_outbox_rows_come_back_in_commit_order_until_done(store: SqliteStore) ->
     assert store.outbox_depth() == 1
 
 
-def test_outbox_ids_are_increasing(store: SqliteStore) -> None:
+def test_outbox_ids_are_increasing(store: SagaStore) -> None:
     for _ in range(3):
         decision = started()
         store.commit(decision.state, outbox_of(decision))
@@ -240,7 +278,7 @@ def test_outbox_ids_are_increasing(store: SqliteStore) -> None:
 # --- deadlines -------------------------------------------------------------------------------
 
 
-def test_due_returns_only_sagas_whose_deadline_has_passed(store: SqliteStore) -> None:
+def test_due_returns_only_sagas_whose_deadline_has_passed(store: SagaStore) -> None:
     # Given three running sagas started 0 s, 5 s and 20 s in, and one already finished
     early = store.commit(started(T0).state, [])
     middle = store.commit(started(T0 + timedelta(seconds=5)).state, [])
@@ -263,7 +301,7 @@ def test_due_returns_only_sagas_whose_deadline_has_passed(store: SqliteStore) ->
 
 
 def test_the_outbox_says_which_commands_the_broker_has_not_taken_yet(
-    store: SqliteStore,
+    store: SagaStore,
 ) -> None:
     # Given a saga committed while the broker is down: ReserveStock waits in the outbox
     decision = start(SAGA, place_order(), "amq.gen-reply", T0)
@@ -279,7 +317,7 @@ def test_the_outbox_says_which_commands_the_broker_has_not_taken_yet(
 # --- stuck sagas -----------------------------------------------------------------------------
 
 
-def test_stuck_counts_the_sagas_that_have_waited_that_long(store: SqliteStore) -> None:
+def test_stuck_counts_the_sagas_that_have_waited_that_long(store: SagaStore) -> None:
     # Given a saga waiting since T0, one since 200 s in, and one that finished at once
     store.commit(started(T0).state, [])
     store.commit(started(T0 + timedelta(seconds=200)).state, [])
@@ -297,20 +335,18 @@ def test_stuck_counts_the_sagas_that_have_waited_that_long(store: SqliteStore) -
 # --- sagas that cannot be read ---------------------------------------------------------------
 
 
-def corrupt(db_path: Path, saga_id: UUID, blob: str = '{"saga_id": "half a row') -> None:
+def corrupt(backend: Backend, saga_id: UUID, blob: str = '{"saga_id": "half a row') -> None:
     """Damage a stored saga behind the store's back."""
-    with sqlite3.connect(db_path) as db:
-        db.execute("UPDATE sagas SET state = ? WHERE saga_id = ?", (blob, str(saga_id)))
-    db.close()
+    backend.run_sql("UPDATE sagas SET state = ? WHERE saga_id = ?", (blob, str(saga_id)))
 
 
 def test_an_unreadable_saga_is_quarantined_and_the_others_go_on(
-    store: SqliteStore, db_path: Path
+    store: SagaStore, backend: Backend
 ) -> None:
     # Given two running sagas past their deadline, one of them damaged
     good = store.commit(started(T0).state, [])
     bad = store.commit(started(T0).state, [])
-    corrupt(db_path, bad.saga_id)
+    corrupt(backend, bad.saga_id)
     later = T0 + timedelta(hours=1)
 
     # When the timer asks for what is due
@@ -331,9 +367,9 @@ def test_an_unreadable_saga_is_quarantined_and_the_others_go_on(
         store.get(bad.saga_id)
 
 
-def test_a_saga_of_an_unknown_shape_is_quarantined_too(store: SqliteStore, db_path: Path) -> None:
+def test_a_saga_of_an_unknown_shape_is_quarantined_too(store: SagaStore, backend: Backend) -> None:
     bad = store.commit(started(T0).state, [])
-    corrupt(db_path, bad.saga_id, json.dumps({"saga_id": str(bad.saga_id), "status": "BOGUS"}))
+    corrupt(backend, bad.saga_id, json.dumps({"saga_id": str(bad.saga_id), "status": "BOGUS"}))
 
     assert store.due(T0 + timedelta(hours=1), 10) == []
 
@@ -343,9 +379,8 @@ def test_a_saga_of_an_unknown_shape_is_quarantined_too(store: SqliteStore, db_pa
 # --- one orchestrator per store --------------------------------------------------------------
 
 
-def test_a_second_orchestrator_on_the_same_store_is_refused(
-    store: SqliteStore, db_path: Path
-) -> None:
+def test_a_second_orchestrator_on_the_same_sqlite_store_is_refused(db_path: Path) -> None:
+    store = SqliteStore(db_path)
     stored = store.commit(started().state, [])
 
     with pytest.raises(AlreadyRunningError, match="another orchestrator") as refused:
@@ -359,6 +394,7 @@ def test_a_second_orchestrator_on_the_same_store_is_refused(
         assert reader.get(stored.saga_id) == stored
     finally:
         reader.close()
+        store.close()
 
 
 def test_the_store_is_free_again_once_its_orchestrator_closes_it(db_path: Path) -> None:
@@ -369,16 +405,101 @@ def test_the_store_is_free_again_once_its_orchestrator_closes_it(db_path: Path) 
     again.close()
 
 
+# --- outbox rows no live orchestrator holds -------------------------------------------------
+
+
+def test_rows_an_earlier_run_left_are_claimed_once_and_new_ones_are_not(
+    backend: Backend,
+) -> None:
+    # Given an orchestrator that committed a saga and stopped before publishing its command
+    first = backend.open()
+    left = started()
+    first.commit(left.state, outbox_of(left))
+    first.close()
+
+    # When the next one starts and commits a saga of its own
+    second = backend.open()
+    try:
+        fresh = started()
+        second.commit(fresh.state, outbox_of(fresh))
+
+        # Then it claims the earlier run's row, once, and never its own (it has that in memory)
+        claimed = second.claim_orphans(100)
+        assert [row.wire.message_id for row in claimed] == [str(left.state.pending)]
+        assert second.claim_orphans(100) == []
+        assert second.outbox_depth() == 2
+    finally:
+        second.close()
+
+
+@pytest.mark.postgres
+def test_a_live_orchestrators_rows_are_left_to_it_and_a_dead_ones_taken_over(
+    postgres_url: str,
+) -> None:
+    # Given two orchestrators sharing a store, each with a command not yet published
+    a, b = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    try:
+        of_a, of_b = started(), started()
+        a.commit(of_a.state, outbox_of(of_a))
+        b.commit(of_b.state, outbox_of(of_b))
+
+        # Then while both renew their lease, neither takes the other's rows
+        assert a.claim_orphans(100) == [] and b.claim_orphans(100) == []
+
+        # When A's lease runs out (it froze, or died without closing)
+        with psycopg.connect(postgres_url, autocommit=True) as db:
+            db.execute("UPDATE orchestrators SET alive_until = 0 WHERE owner = %s", (a.owner,))
+
+        # Then B takes A's row, once, and A's own claims find nothing of B's
+        taken = b.claim_orphans(100)
+        assert [row.wire.message_id for row in taken] == [str(of_a.state.pending)]
+        assert b.claim_orphans(100) == []
+        # and a heartbeat brings A back to life without giving it its row back
+        a.heartbeat()
+        assert a.claim_orphans(100) == []
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.postgres
+def test_two_orchestrators_never_both_commit_from_the_same_state(postgres_url: str) -> None:
+    # Given a saga two orchestrators have read at the same version
+    a, b = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    try:
+        decision = started()
+        stored = a.commit(decision.state, outbox_of(decision))
+        read_by_b = b.get(stored.saga_id)
+        assert read_by_b == stored
+
+        # When A decides and commits first
+        commit_advanced(a, stored, answer(decision, ok=True, at=T0 + timedelta(seconds=1)))
+
+        # Then B's decision from the state it read is refused, and changes nothing
+        late = answer(decision, ok=False, at=T0 + timedelta(seconds=1))
+        with pytest.raises(ConcurrentUpdateError, match=str(stored.saga_id)):
+            commit_advanced(b, read_by_b, late)
+        current = b.get(stored.saga_id)
+        assert current is not None and current.version == 2
+        assert current.status is SagaStatus.RUNNING
+        # and so is a second start of the same saga from a redelivered request
+        with pytest.raises(ConcurrentUpdateError, match="already exists"):
+            b.commit(decision.state, [])
+    finally:
+        a.close()
+        b.close()
+
+
 # --- durability ------------------------------------------------------------------------------
 
 
-def test_state_and_outbox_survive_closing_and_reopening(db_path: Path) -> None:
+def test_state_and_outbox_survive_closing_and_reopening(backend: Backend) -> None:
     decision = started()
-    first = SqliteStore(db_path)
+    first = backend.open()
     stored = first.commit(decision.state, outbox_of(decision))
     first.close()
 
-    reopened = SqliteStore(db_path)
+    reopened = backend.open()
     try:
         assert reopened.get(decision.state.saga_id) == stored
         assert without_ids(reopened.outbox(100)) == outbox_of(decision)
@@ -420,7 +541,24 @@ def test_a_readonly_store_on_a_missing_file_says_so(tmp_path: Path) -> None:
     assert not missing.parent.exists()
 
 
-def test_sagas_lists_newest_first_and_filters_by_status(store: SqliteStore) -> None:
+@pytest.mark.postgres
+def test_a_readonly_postgres_store_reads_and_says_when_there_is_none(postgres_url: str) -> None:
+    # Given an empty database: the CLI is refused with a reason, and creates nothing
+    with pytest.raises(SagaError, match="no saga store at"):
+        PostgresStore(postgres_url, readonly=True)
+    # Given what an orchestrator wrote: the CLI reads it
+    writer = PostgresStore(postgres_url)
+    stored = writer.commit(started().state, [])
+    reader = PostgresStore(postgres_url, readonly=True)
+    try:
+        assert reader.get(stored.saga_id) == stored
+        assert reader.sagas(SagaStatus.RUNNING, 10) == [stored]
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_sagas_lists_newest_first_and_filters_by_status(store: SagaStore) -> None:
     older = store.commit(started(T0).state, [])
     newer = store.commit(started(T0 + timedelta(minutes=1)).state, [])
     first = started(T0 + timedelta(minutes=2))

@@ -1,9 +1,4 @@
-"""Durable saga state and the outbox, behind a small interface.
-
-``SagaStore`` is what the runtime needs; ``SqliteStore`` is the one implementation today.
-The engine knows nothing of it, and nothing here leans on SQLite beyond this file, so a
-PostgreSQL store for several replicas can implement the same protocol.
-"""
+"""SagaStore in one SQLite file: the embedded default, one orchestrator per file."""
 
 from __future__ import annotations
 
@@ -12,121 +7,27 @@ import fcntl
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
 from uuid import UUID
 
-from pydantic import ValidationError
-
-from messages.contract.codec import Wire
 from messages.contract.models import SagaStatus
 from messages.errors import AlreadyRunningError, ConcurrentUpdateError, UnreadableSagaError
 from messages.plumbing.sqlite import open_sqlite
 from orchestrator.engine import SagaState
+from orchestrator.store.base import (
+    OUTBOX_COLUMNS,
+    OutboxMessage,
+    SagaStats,
+    load,
+    outbox_row,
+    outbox_values,
+    ts,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class OutboxMessage:
-    """A message the orchestrator decided to send, kept until the broker confirms it."""
-
-    exchange: str
-    routing_key: str
-    wire: Wire
-    mandatory: bool = True
-    traceparent: str | None = None  # W3C trace context of the saga
-    id: int | None = None  # set once stored
-
-
-@dataclass(frozen=True)
-class SagaStats:
-    """Counts and durations over every saga in the store."""
-
-    by_status: dict[str, int]
-    by_outcome: dict[str, int]  # "STATUS reason" of finished sagas
-    durations_s: list[float]  # of finished sagas, sorted
-    oldest_running: SagaState | None
-
-
-class SagaStore(Protocol):
-    """What the orchestrator runtime and CLI need from durable storage."""
-
-    def get(self, saga_id: UUID) -> SagaState | None: ...
-
-    def commit(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> SagaState:
-        """Save ``state`` and queue ``outbox`` in one transaction; return the stored state.
-
-        A state with version 0 is new; otherwise the stored version must still be
-        ``state.version`` (else ConcurrentUpdateError). The stored state has version + 1.
-        """
-        ...
-
-    def commit_many(
-        self,
-        changes: Sequence[tuple[SagaState, Sequence[OutboxMessage]]],
-        published: Sequence[int] = (),
-    ) -> list[list[OutboxMessage]]:
-        """Commit several (state, outbox) changes in one transaction: all or none.
-
-        ``published`` outbox rows (confirmed by the broker) are deleted in the same go.
-        Returns each change's outbox as stored (with ids). May be called from a thread of
-        its own (the writer) while other methods are called from the event loop.
-        """
-        ...
-
-    def due(self, now: datetime, limit: int) -> list[SagaState]:
-        """Sagas whose deadline has passed; unreadable ones are quarantined, not returned."""
-        ...
-
-    def quarantine(self, saga_id: UUID, why: str) -> None:
-        """Set a saga aside that cannot be read or decided: QUARANTINED, no deadline."""
-        ...
-
-    def quarantined(self, limit: int) -> list[tuple[str, str, datetime]]:
-        """(saga id, why, when) of quarantined sagas, newest first."""
-        ...
-
-    def stuck(self, now: datetime, after_s: float) -> int:
-        """How many sagas have waited ``after_s`` or longer for one command's reply."""
-        ...
-
-    def outbox(self, limit: int, after: int = 0) -> list[OutboxMessage]: ...
-
-    def prune(self, ended_before: datetime, limit: int) -> int:
-        """Delete up to ``limit`` sagas that ended before ``ended_before``; return how many.
-
-        Quarantined sagas are kept: someone has to look at them first.
-        """
-        ...
-
-    def outbox_done(self, ids: Iterable[int]) -> None: ...
-
-    def outbox_last_id(self) -> int:
-        """The highest id in the outbox (0 when empty): rows after it are new."""
-        ...
-
-    def outbox_depth(self) -> int: ...
-
-    def outbox_holds(self, message_id: str) -> bool:
-        """Whether a message is still waiting in the outbox (not yet confirmed)."""
-        ...
-
-    def sagas(
-        self, status: SagaStatus | None, limit: int, since: datetime | None = None
-    ) -> list[SagaState]: ...
-
-    def stats(self) -> SagaStats: ...
-
-    def counts(self) -> dict[str, int]:
-        """Sagas by status."""
-        ...
-
-    def close(self) -> None: ...
-
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sagas (
@@ -155,13 +56,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     message_id     TEXT NOT NULL,
     content_type   TEXT NOT NULL,
     timestamp      REAL NOT NULL,
-    body           BLOB NOT NULL
+    body           BLOB NOT NULL,
+    owner          TEXT
 );
 """
-
-
-def _ts(value: datetime | None) -> float | None:
-    return None if value is None else value.timestamp()
 
 
 class SqliteStore:
@@ -172,8 +70,11 @@ class SqliteStore:
     reads the latest committed state (WAL) without waiting for a commit's fsync.
     """
 
+    shared = False  # the lock file makes this process the store's only writer
+
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self._lock = None if readonly else _lock_exclusively(path)
+        self.owner = uuid.uuid4().hex  # rows of an earlier run have another owner
         self._db = open_sqlite(path, readonly=readonly, any_thread=True)
         self._read = self._db if readonly else open_sqlite(path)
         self._writing = threading.Lock()
@@ -183,6 +84,9 @@ class SqliteStore:
                 columns = {row[1] for row in self._db.execute("PRAGMA table_info(sagas)")}
                 if "waiting_since" not in columns:  # stores made before "stuck" existed
                     self._db.execute("ALTER TABLE sagas ADD COLUMN waiting_since REAL")
+                columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+                if "owner" not in columns:  # stores made before outbox leases
+                    self._db.execute("ALTER TABLE outbox ADD COLUMN owner TEXT")
 
     def get(self, saga_id: UUID) -> SagaState | None:
         row = self._read.execute(
@@ -193,7 +97,7 @@ class SqliteStore:
         if row[1] == SagaStatus.QUARANTINED:
             raise UnreadableSagaError(f"saga {saga_id} is quarantined")
         try:
-            return _load(saga_id, row[0])
+            return load(saga_id, row[0])
         except UnreadableSagaError as exc:
             if self._lock is not None:  # only the writer quarantines; readers just report
                 self.quarantine(saga_id, str(exc))
@@ -217,10 +121,10 @@ class SqliteStore:
         values = (
             stored.status.value,
             stored.reason,
-            _ts(stored.deadline),
-            _ts(stored.waiting_since),
+            ts(stored.deadline),
+            ts(stored.waiting_since),
             stored.version,
-            _ts(stored.updated_at),
+            ts(stored.updated_at),
             stored.model_dump_json(),
             str(stored.saga_id),
         )
@@ -232,7 +136,7 @@ class SqliteStore:
             self._db.execute(
                 "INSERT INTO sagas (status, reason, deadline, waiting_since, version, updated_at,"
                 " state, saga_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (*values, _ts(stored.created_at)),
+                (*values, ts(stored.created_at)),
             )
         else:
             updated = self._db.execute(
@@ -245,20 +149,10 @@ class SqliteStore:
         stored_rows = []
         for m in outbox:
             row_id = self._db.execute(
-                "INSERT INTO outbox (saga_id, exchange, routing_key, mandatory, traceparent,"
-                " type, message_id, content_type, timestamp, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    str(state.saga_id),
-                    m.exchange,
-                    m.routing_key,
-                    int(m.mandatory),
-                    m.traceparent,
-                    m.wire.type,
-                    m.wire.message_id,
-                    m.wire.content_type,
-                    m.wire.timestamp,
-                    m.wire.body,
-                ),
+                "INSERT INTO outbox (saga_id, exchange, routing_key, mandatory, traceparent, type,"
+                " message_id, content_type, timestamp, body, owner)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                outbox_values(state.saga_id, m, self.owner),
             ).lastrowid
             stored_rows.append(dataclasses.replace(m, id=row_id))
         return stored_rows
@@ -271,7 +165,7 @@ class SqliteStore:
         due = []
         for saga_id, blob in rows:
             try:
-                due.append(_load(saga_id, blob))
+                due.append(load(saga_id, blob))
             except UnreadableSagaError as exc:
                 self.quarantine(UUID(saga_id), str(exc))
         return due
@@ -301,28 +195,10 @@ class SqliteStore:
 
     def outbox(self, limit: int, after: int = 0) -> list[OutboxMessage]:
         rows = self._read.execute(
-            "SELECT id, saga_id, exchange, routing_key, mandatory, traceparent, type, message_id,"
-            " content_type, timestamp, body FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
             (after, limit),
-        ).fetchall()
-        return [
-            OutboxMessage(
-                id=row[0],
-                exchange=row[2],
-                routing_key=row[3],
-                mandatory=bool(row[4]),
-                traceparent=row[5],
-                wire=Wire(
-                    body=row[10],
-                    content_type=row[8],
-                    type=row[6],
-                    message_id=row[7],
-                    correlation_id=row[1],
-                    timestamp=row[9],
-                ),
-            )
-            for row in rows
-        ]
+        )
+        return [outbox_row(row) for row in rows]
 
     def prune(self, ended_before: datetime, limit: int) -> int:
         with self._writing, self._db:
@@ -335,8 +211,18 @@ class SqliteStore:
                 (ended_before.timestamp(), limit),
             ).rowcount
 
-    def outbox_last_id(self) -> int:
-        return int(self._read.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0])
+    def heartbeat(self) -> None:
+        pass  # no other writer to tell: the lock file keeps them out
+
+    def claim_orphans(self, limit: int) -> list[OutboxMessage]:
+        with self._writing, self._db:
+            rows = self._db.execute(
+                f"UPDATE outbox SET owner = ? WHERE id IN (SELECT id FROM outbox"
+                f" WHERE owner IS NULL OR owner != ? ORDER BY id LIMIT ?)"
+                f" RETURNING {OUTBOX_COLUMNS}",
+                (self.owner, self.owner, limit),
+            ).fetchall()
+        return sorted((outbox_row(row) for row in rows), key=lambda row: row.id or 0)
 
     def outbox_done(self, ids: Iterable[int]) -> None:
         with self._writing, self._db:
@@ -371,7 +257,7 @@ class SqliteStore:
         listed = []
         for saga_id, blob in rows:
             try:
-                listed.append(_load(saga_id, blob))
+                listed.append(load(saga_id, blob))
             except UnreadableSagaError as exc:  # quarantined when the orchestrator meets it
                 log.warning("%s", exc)
         return listed
@@ -405,7 +291,7 @@ class SqliteStore:
             by_status=by_status,
             by_outcome=by_outcome,
             durations_s=durations,
-            oldest_running=None if oldest is None else _load("oldest running", oldest[0]),
+            oldest_running=None if oldest is None else load("oldest running", oldest[0]),
         )
 
     def close(self) -> None:
@@ -414,16 +300,6 @@ class SqliteStore:
         self._db.close()
         if self._lock is not None:
             os.close(self._lock)
-
-
-def _load(saga_id: object, blob: str | bytes) -> SagaState:
-    try:
-        return SagaState.model_validate_json(blob)
-    except ValidationError as exc:
-        raise UnreadableSagaError(
-            f"saga {saga_id} cannot be read: {exc.error_count()} problem(s), first: "
-            f"{exc.errors()[0]['msg']} at {'.'.join(map(str, exc.errors()[0]['loc']))}"
-        ) from exc
 
 
 def _lock_exclusively(path: Path) -> int:

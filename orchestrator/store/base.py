@@ -1,0 +1,195 @@
+"""What the orchestrator needs from durable storage: the SagaStore protocol and its rows."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+from uuid import UUID
+
+from pydantic import ValidationError
+
+from messages.contract.codec import Wire
+from messages.contract.models import SagaStatus
+from messages.errors import UnreadableSagaError
+from orchestrator.engine import SagaState
+
+log = logging.getLogger(__name__)
+
+# In a shared store, an orchestrator that has not renewed its lease for this long is taken
+# for dead, and its outbox rows are published by another.
+LEASE_S = 15.0
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """A message the orchestrator decided to send, kept until the broker confirms it."""
+
+    exchange: str
+    routing_key: str
+    wire: Wire
+    mandatory: bool = True
+    traceparent: str | None = None  # W3C trace context of the saga
+    id: int | None = None  # set once stored
+
+
+@dataclass(frozen=True)
+class SagaStats:
+    """Counts and durations over every saga in the store."""
+
+    by_status: dict[str, int]
+    by_outcome: dict[str, int]  # "STATUS reason" of finished sagas
+    durations_s: list[float]  # of finished sagas, sorted
+    oldest_running: SagaState | None
+
+
+class SagaStore(Protocol):
+    """What the orchestrator runtime and CLI need from durable storage.
+
+    ``shared`` says whether other orchestrators may write the same store at the same time
+    (PostgreSQL): then nothing may be trusted from memory without a version check, and
+    each orchestrator holds a lease on the outbox rows it wrote (``heartbeat``); rows whose
+    writer's lease ran out are taken over by a live one (``claim_orphans``).
+    """
+
+    shared: bool
+
+    def get(self, saga_id: UUID) -> SagaState | None: ...
+
+    def commit(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> SagaState:
+        """Save ``state`` and queue ``outbox`` in one transaction; return the stored state.
+
+        A state with version 0 is new; otherwise the stored version must still be
+        ``state.version`` (else ConcurrentUpdateError). The stored state has version + 1.
+        """
+        ...
+
+    def commit_many(
+        self,
+        changes: Sequence[tuple[SagaState, Sequence[OutboxMessage]]],
+        published: Sequence[int] = (),
+    ) -> list[list[OutboxMessage]]:
+        """Commit several (state, outbox) changes in one transaction: all or none.
+
+        ``published`` outbox rows (confirmed by the broker) are deleted in the same go.
+        Returns each change's outbox as stored (with ids). May be called from a thread of
+        its own (the writer) while other methods are called from the event loop.
+        """
+        ...
+
+    def due(self, now: datetime, limit: int) -> list[SagaState]:
+        """Sagas whose deadline has passed; unreadable ones are quarantined, not returned."""
+        ...
+
+    def quarantine(self, saga_id: UUID, why: str) -> None:
+        """Set a saga aside that cannot be read or decided: QUARANTINED, no deadline."""
+        ...
+
+    def quarantined(self, limit: int) -> list[tuple[str, str, datetime]]:
+        """(saga id, why, when) of quarantined sagas, newest first."""
+        ...
+
+    def stuck(self, now: datetime, after_s: float) -> int:
+        """How many sagas have waited ``after_s`` or longer for one command's reply."""
+        ...
+
+    def outbox(self, limit: int, after: int = 0) -> list[OutboxMessage]: ...
+
+    def prune(self, ended_before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` sagas that ended before ``ended_before``; return how many.
+
+        Quarantined sagas are kept: someone has to look at them first.
+        """
+        ...
+
+    def outbox_done(self, ids: Iterable[int]) -> None: ...
+
+    def heartbeat(self) -> None:
+        """Renew this writer's lease on the outbox rows it wrote (a no-op when not shared)."""
+        ...
+
+    def claim_orphans(self, limit: int) -> list[OutboxMessage]:
+        """Take over up to ``limit`` outbox rows no live writer holds, to publish them.
+
+        At start these are what an earlier run left unpublished; in a shared store, also the
+        rows of an orchestrator that stopped renewing its lease.
+        """
+        ...
+
+    def outbox_depth(self) -> int: ...
+
+    def outbox_holds(self, message_id: str) -> bool:
+        """Whether a message is still waiting in the outbox (not yet confirmed)."""
+        ...
+
+    def sagas(
+        self, status: SagaStatus | None, limit: int, since: datetime | None = None
+    ) -> list[SagaState]: ...
+
+    def stats(self) -> SagaStats: ...
+
+    def counts(self) -> dict[str, int]:
+        """Sagas by status."""
+        ...
+
+    def close(self) -> None: ...
+
+
+OUTBOX_COLUMNS = (
+    "id, saga_id, exchange, routing_key, mandatory, traceparent, type, message_id,"
+    " content_type, timestamp, body"
+)
+
+
+def outbox_row(row: Sequence[Any]) -> OutboxMessage:
+    """An OutboxMessage from a row of OUTBOX_COLUMNS."""
+    return OutboxMessage(
+        id=row[0],
+        exchange=row[2],
+        routing_key=row[3],
+        mandatory=bool(row[4]),
+        traceparent=row[5],
+        wire=Wire(
+            body=bytes(row[10]),
+            content_type=row[8],
+            type=row[6],
+            message_id=row[7],
+            correlation_id=str(row[1]),
+            timestamp=row[9],
+        ),
+    )
+
+
+def outbox_values(saga_id: UUID, m: OutboxMessage, owner: str) -> tuple[Any, ...]:
+    """The values of an outbox row to insert, after its id: OUTBOX_COLUMNS then owner."""
+    return (
+        str(saga_id),
+        m.exchange,
+        m.routing_key,
+        m.mandatory,
+        m.traceparent,
+        m.wire.type,
+        m.wire.message_id,
+        m.wire.content_type,
+        m.wire.timestamp,
+        m.wire.body,
+        owner,
+    )
+
+
+def ts(value: datetime | None) -> float | None:
+    """A time as stored: seconds since the epoch."""
+    return None if value is None else value.timestamp()
+
+
+def load(saga_id: object, blob: str | bytes) -> SagaState:
+    """A stored state, or UnreadableSagaError saying what is wrong with it."""
+    try:
+        return SagaState.model_validate_json(blob)
+    except ValidationError as exc:
+        raise UnreadableSagaError(
+            f"saga {saga_id} cannot be read: {exc.error_count()} problem(s), first: "
+            f"{exc.errors()[0]['msg']} at {'.'.join(map(str, exc.errors()[0]['loc']))}"
+        ) from exc
