@@ -41,6 +41,9 @@ class Process:
     log: Path
     cwd: Path = ROOT
     own_session: bool = False  # True: a Ctrl-C reaches only us, and we stop the child
+    # SIGTERM the child when we die. preexec_fn is not safe while other threads run: only
+    # for callers that start children from one thread.
+    die_with_parent: bool = False
     popen: subprocess.Popen[bytes] | None = None
     log_offset: int = 0  # where the current run's output starts in ``log``
 
@@ -52,14 +55,16 @@ class Process:
         env: dict[str, str],
         log: Path,
         own_session: bool = False,
+        die_with_parent: bool = False,
     ) -> Process:
         """``python -m argv...`` with this interpreter."""
-        return cls(name, (sys.executable, "-m", *argv), env, log, own_session=own_session)
+        argv = (sys.executable, "-m", *argv)
+        return cls(name, argv, env, log, own_session=own_session, die_with_parent=die_with_parent)
 
     def start(self) -> Process:
         """Start (or start again) the process; returns self."""
         self.log_offset = self.log.stat().st_size if self.log.exists() else 0
-        linux = sys.platform == "linux"
+        pdeathsig = self.die_with_parent and sys.platform == "linux"
         with self.log.open("ab") as out:
             self.popen = subprocess.Popen(
                 list(self.argv),
@@ -69,7 +74,7 @@ class Process:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=self.own_session,
-                preexec_fn=die_with_parent if self.own_session and linux else None,
+                preexec_fn=die_with_parent if pdeathsig else None,
             )
         return self
 

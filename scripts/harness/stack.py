@@ -35,7 +35,8 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)  # settings for every service
     log_level: str = "INFO"
     inherit_settings: bool = False  # keep the caller's SAGA_* settings (except OWN_SETTINGS)
-    own_session: bool = False  # children in their own session, SIGTERMed if we die
+    own_session: bool = False  # children in their own session: a Ctrl-C reaches only us
+    die_with_parent: bool = False  # children SIGTERMed if we die (see processes.Process)
     services: dict[str, Process] = field(default_factory=dict)
 
     def environment(self, **extra: str) -> dict[str, str]:
@@ -55,7 +56,8 @@ class Stack:
     def process(self, name: str, *argv: str, **env: str) -> Process:
         """``python -m argv...`` as service ``name``, not started yet."""
         log = self.data_dir / f"{name}.log"
-        process = Process.python(name, argv, self.environment(**env), log, self.own_session)
+        env = self.environment(**env)
+        process = Process.python(name, argv, env, log, self.own_session, self.die_with_parent)
         self.services[name] = process
         return process
 
@@ -64,13 +66,12 @@ class Stack:
         name: str,
         *argv: str,
         ready: str | None = "ready",
-        timeout: float = READY_TIMEOUT_S,
         **env: str,
     ) -> Process:
         """Start ``python -m argv...`` and wait until its log says ``ready``."""
         process = self.process(name, *argv, **env).start()
         if ready:
-            process.wait_for_log(ready, timeout)
+            process.wait_for_log(ready, READY_TIMEOUT_S)
         return process
 
     def orchestrator(self, **env: str) -> Process:
