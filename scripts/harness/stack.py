@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scripts.harness.processes import READY_TIMEOUT_S, ROOT, Process
+from scripts.harness.processes import READY_TIMEOUT_S, ROOT, Process, Processes
 
 PARTICIPANTS = ("inventory", "payment", "order")
 # Settings a stack always sets itself; with inherit_settings the user's other SAGA_* stay.
@@ -95,11 +95,7 @@ class Stack:
 
     def stop_all(self, grace_s: float = 10.0) -> None:
         """SIGTERM every service, SIGKILL what is left after ``grace_s``."""
-        for process in self.services.values():
-            process.terminate()
-        for process in self.services.values():
-            process.wait_stopped(grace_s)
-        self.services.clear()
+        Processes(self.services).stop(grace_s)  # clears self.services too
 
     # --- reading it the way a user does -------------------------------------------------
 

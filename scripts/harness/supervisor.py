@@ -20,7 +20,7 @@ from scripts.harness.chaos_options import (
     say,
     seeded_stock,
 )
-from scripts.harness.processes import Process
+from scripts.harness.processes import Process, Processes
 from scripts.harness.stack import Stack
 from workers.faults import CRASH_EXIT_CODE
 
@@ -142,10 +142,7 @@ class Supervisor:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        for service in self.services.values():
-            service.process.terminate()
-        for service in self.services.values():
-            service.process.wait_stopped(10)
+        Processes({name: s.process for name, s in self.services.items()}).stop(10)
 
 
 def build_services(opts: Options, stack: Stack, metrics_port: int) -> list[Service]:

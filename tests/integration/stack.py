@@ -20,9 +20,9 @@ from messages.contract import topology
 from messages.contract.codec import decode, encode
 from messages.contract.models import Envelope
 from scripts.harness import stack as harness
-from scripts.harness.processes import ROOT, Process
+from scripts.harness.processes import ROOT
 
-__all__ = ["FAST_TIMEOUTS", "ROOT", "Process", "Stack", "amqp_channel", "drain", "send"]
+__all__ = ["FAST_TIMEOUTS", "ROOT", "Stack", "amqp_channel", "drain", "replies", "send"]
 
 # Settings that make a silent participant time out in ~1 s, resends of the pivot and of
 # compensations reach their longest wait (1 s) quickly, and a saga count as stuck after 2 s.
