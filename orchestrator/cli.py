@@ -58,11 +58,15 @@ def _state(text: str) -> SagaStatus:
         raise argparse.ArgumentTypeError(f"no state {text!r}; valid states: {valid}") from None
 
 
-def _positive(text: str) -> int:
+def _limit(text: str) -> int:
+    """--limit N: at most N sagas; 0 means all of them (an audit reads every saga)."""
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (all) or more, got {value}")
+    return value or _ALL
+
+
+_ALL = sys.maxsize  # what --limit 0 stands for: more rows than a store can hold
 
 
 def build_parser(prog: str = "saga") -> argparse.ArgumentParser:
@@ -91,7 +95,7 @@ def build_parser(prog: str = "saga") -> argparse.ArgumentParser:
     )
     listing.add_argument("--since", type=_duration, help="only sagas started within, e.g. 10m")
     listing.add_argument(
-        "--limit", type=_positive, default=50, help="at most this many (default 50)"
+        "--limit", type=_limit, default=50, help="at most this many (default 50; 0: all)"
     )
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 

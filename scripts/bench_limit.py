@@ -37,15 +37,20 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 import aiormq
 import aiormq.abc
-from children import Children
 from pamqp import commands as spec
+
+# Run as `python scripts/bench_limit.py ROLE` (a pass-through process), scripts/ is on the path,
+# not the checkout that holds the harness.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.harness.processes import Process, Processes
 
 PARTICIPANTS = ("inventory", "payment", "order")
 COMMAND_TYPES = ("ReserveStock", "ChargePayment", "CompleteOrder")  # message_type, as the stack's
@@ -258,7 +263,8 @@ class PassThrough:
     url: str
     names: Names
     prefetch: int
-    children: Children | None = None
+    log_dir: Path | None = None
+    children: Processes = field(default_factory=Processes)
 
     async def declare(self, channel: aiormq.abc.AbstractChannel) -> None:
         for queue in (self.names.requests, self.names.replies, *self._participant_queues()):
@@ -271,17 +277,19 @@ class PassThrough:
 
     def start(self) -> None:
         env = {**os.environ, URL_ENV: self.url, "PYTHONUNBUFFERED": "1"}
-        self.children = Children(Path(tempfile.mkdtemp(prefix="saga-bench-limit-")))
+        self.log_dir = log_dir = Path(tempfile.mkdtemp(prefix="saga-bench-limit-"))
         for role in ROLES:
             options = ("--prefix", self.names.prefix, "--prefetch", str(self.prefetch))
-            argv = [sys.executable, str(Path(__file__).resolve()), role, *options]
-            self.children.start(role, argv, env)
+            argv = (sys.executable, str(Path(__file__).resolve()), role, *options)
+            log = log_dir / f"{role}.log"
+            child = Process(role, argv, env, log, own_session=True, die_with_parent=True)
+            self.children.add(child.start())
 
     def pids(self) -> dict[str, int]:
-        return self.children.pids() if self.children else {}
+        return self.children.pids()
 
     def check_alive(self) -> None:
-        exited = self.children.exited() if self.children else None
+        exited = self.children.exited()
         if exited is not None:
             role, code = exited
             raise LimitError(
@@ -289,7 +297,7 @@ class PassThrough:
             )
 
     def log_tail(self, role: str, lines: int = 10) -> str:
-        return self.children.log_tail(role, lines) if self.children else ""
+        return self.children.log_tail(role, lines)
 
     async def wait_ready(self, channel: aiormq.abc.AbstractChannel) -> None:
         """Until every queue has its consumer."""
@@ -310,10 +318,10 @@ class PassThrough:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 5 s; idempotent. The logs go with them."""
-        if self.children is not None:
-            self.children.stop(5)
-            shutil.rmtree(self.children.log_dir, ignore_errors=True)
-            self.children = None
+        self.children.stop(5)
+        if self.log_dir is not None:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+            self.log_dir = None
 
     async def delete_queues(self, connection: aiormq.abc.AbstractConnection) -> None:
         channel = await connection.channel()

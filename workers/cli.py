@@ -1,4 +1,8 @@
-"""`python -m workers run inventory|payment|order|all` and `python -m workers stock`."""
+"""`python -m workers run inventory|payment|order|all`, and what each participant holds.
+
+`stock` and `reservations` read the inventory's database, `payments` the payment's and
+`orders` the order's: each only its own participant's file under SAGA_DATA_DIR, read-only.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import json
 import os
 import sqlite3
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import TypeVar
 
@@ -26,6 +30,12 @@ from workers.runtime import Participant, open_db, serve
 from workers.settings import WorkerSettings
 
 NAMES = ("inventory", "payment", "order")
+READERS_HELP = {
+    "stock": "print current stock per SKU",
+    "reservations": "inventory: each saga's reservation (SKU, units, reserved or released)",
+    "payments": "payment: each saga's charge (customer, amount, charged or refunded)",
+    "orders": "order: each saga's order (customer, SKU, units, amount)",
+}
 T = TypeVar("T")
 
 
@@ -79,7 +89,7 @@ def _limits(text: str) -> dict[tuple[str, str], Decimal]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: run and stock."""
+    """The command line: run, health, and the reading commands (stock, reservations...)."""
     parser = argparse.ArgumentParser(
         prog="python -m workers", description="The saga's participants."
     )
@@ -112,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         "health", help="exit 0 if the participant process is connected and consuming, else 1"
     )
     check.add_argument("participant", choices=(*NAMES, "all"), help="as given to `run`")
-    stock = sub.add_parser("stock", help="print current stock per SKU")
-    stock.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, text in READERS_HELP.items():
+        reader = sub.add_parser(name, help=text)
+        reader.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -148,12 +159,42 @@ async def _run(settings: WorkerSettings, args: argparse.Namespace) -> None:
 
 def _stock(settings: WorkerSettings, as_json: bool) -> int:
     db: sqlite3.Connection = open_sqlite(settings.db_path("inventory"), readonly=True)
-    levels = inventory.current_stock(db)
+    try:
+        levels = inventory.current_stock(db)
+    finally:
+        db.close()
     if as_json:
         print(json.dumps(levels, indent=2))
     else:
         for sku, quantity in levels.items():
             print(f"{sku:<24} {quantity}")
+    return 0
+
+
+# Each per-saga reader: (the participant whose database it reads, the function reading it).
+_BY_SAGA: dict[str, tuple[str, Callable[[sqlite3.Connection], Mapping[str, Mapping[str, object]]]]]
+_BY_SAGA = {
+    "reservations": ("inventory", inventory.reservations),
+    "payments": ("payment", payment.charges),
+    "orders": ("order", order.orders),
+}
+
+
+def _by_saga(settings: WorkerSettings, command: str, as_json: bool) -> int:
+    """One participant's rows by saga id, from its own database only."""
+    participant, read = _BY_SAGA[command]
+    db: sqlite3.Connection = open_sqlite(settings.db_path(participant), readonly=True)
+    try:
+        rows = read(db)
+    finally:
+        db.close()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no {command}")
+    for saga_id, row in rows.items():
+        print(f"{saga_id}  " + "  ".join(str(value) for value in row.values()))
     return 0
 
 
@@ -165,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure(settings.log_level, settings.log_format)
         if args.command == "stock":
             return _stock(settings, args.json)
+        if args.command in _BY_SAGA:
+            return _by_saga(settings, args.command, args.json)
         if args.command == "health":
             problem = health.check(health.path(settings.data_dir, args.participant))
             print(f"{args.participant}: {problem or 'healthy: connected and consuming'}")

@@ -99,4 +99,10 @@ def current_stock(db: sqlite3.Connection) -> dict[str, int]:
     return dict(db.execute("SELECT sku, quantity FROM stock ORDER BY sku").fetchall())
 
 
+def reservations(db: sqlite3.Connection) -> dict[str, dict[str, object]]:
+    """Each saga's reservation: SKU, units and whether they are still reserved or released."""
+    rows = db.execute("SELECT saga_id, sku, quantity, status FROM reservations ORDER BY saga_id")
+    return {s: {"sku": sku, "quantity": int(q), "status": st} for s, sku, q, st in rows}
+
+
 INVENTORY = Participant("inventory", SCHEMA, {ReserveStock: reserve, ReleaseStock: release})

@@ -62,4 +62,15 @@ def seed(db: sqlite3.Connection, blocked: list[str]) -> None:
         )
 
 
+def orders(db: sqlite3.Connection) -> dict[str, dict[str, object]]:
+    """Each saga's order: customer, SKU, units, amount (a decimal string) and currency."""
+    rows = db.execute(
+        "SELECT saga_id, customer_id, sku, quantity, amount, currency FROM orders ORDER BY saga_id"
+    )
+    return {
+        s: {"customer_id": c, "sku": sku, "quantity": int(q), "amount": a, "currency": cur}
+        for s, c, sku, q, a, cur in rows
+    }
+
+
 ORDER = Participant("order", SCHEMA, {CompleteOrder: complete})

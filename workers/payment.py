@@ -115,6 +115,17 @@ def _migrate(db: sqlite3.Connection) -> None:
     log.info("credit limits are per currency now: stored limits kept as EUR")
 
 
+def charges(db: sqlite3.Connection) -> dict[str, dict[str, str]]:
+    """Each saga's charge: customer, amount (a decimal string), currency, charged or refunded."""
+    rows = db.execute(
+        "SELECT saga_id, customer_id, amount, currency, status FROM charges ORDER BY saga_id"
+    )
+    return {
+        s: {"customer_id": c, "amount": a, "currency": cur, "status": st}
+        for s, c, a, cur, st in rows
+    }
+
+
 def payment(default_limit: Decimal) -> Participant:
     """The payment participant; customers without a limit of their own get ``default_limit``."""
     return Participant(

@@ -1,4 +1,4 @@
-"""RabbitMQ's management HTTP API: the few calls provisioning and the chaos soak make."""
+"""RabbitMQ's management HTTP API: the few calls provisioning, the harness and the tests make."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import urllib.error
 import urllib.request
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from yarl import URL
 
@@ -53,3 +53,32 @@ class ManagementApi:
                 f"the management API at {redact(self.base_url)} does not answer ({exc})"
             ) from exc
         return json.loads(payload) if payload else None
+
+    # --- vhosts, queues and connections: what the harness and the tests use -----------------
+
+    def create_vhost(self, name: str) -> None:
+        """Create ``name`` and give this API's user every permission on it."""
+        vhost = quote(name, safe="")
+        self.call("PUT", f"vhosts/{vhost}", {})
+        self.call(
+            "PUT",
+            f"permissions/{vhost}/{quote(self.user, safe='')}",
+            {"configure": ".*", "write": ".*", "read": ".*"},
+        )
+
+    def delete_vhost(self, name: str) -> None:
+        """Delete ``name`` with everything in it."""
+        self.call("DELETE", f"vhosts/{quote(name, safe='')}")
+
+    def queues(self, vhost: str) -> dict[str, dict[str, Any]]:
+        """The queues of ``vhost`` with their statistics, by name."""
+        rows = self.call("GET", f"queues/{quote(vhost, safe='')}")
+        return {row["name"]: row for row in rows or []}
+
+    def connections(self, vhost: str) -> list[dict[str, Any]]:
+        """The client connections open on ``vhost``."""
+        return list(self.call("GET", f"vhosts/{quote(vhost, safe='')}/connections") or [])
+
+    def close_connection(self, name: str) -> None:
+        """Close one connection, as the broker would on its way down."""
+        self.call("DELETE", f"connections/{quote(name, safe='')}")

@@ -12,10 +12,11 @@ import time
 import urllib.error
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from messages.errors import ConfigurationError
 from messages.plumbing.management import ManagementApi
+from scripts.harness.vhost import vhost_url
 
 HOW_TO = (
     "set SAGA_TEST_AMQP_URL to a RabbitMQ with the management plugin "
@@ -39,14 +40,16 @@ class Broker:
 
     def url_for(self, vhost: str) -> str:
         """The AMQP URL of ``vhost`` on this broker."""
-        parts = urlsplit(self.amqp_url)
-        return urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), "", ""))
+        return vhost_url(self.amqp_url, vhost)
+
+    @property
+    def management(self) -> ManagementApi:
+        """The management HTTP API (the project's one client), with the AMQP URL's login."""
+        return ManagementApi.for_amqp_url(self.amqp_url, self.management_url)
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
         """Call the management HTTP API with the AMQP URL's credentials."""
-        return ManagementApi.for_amqp_url(self.amqp_url, self.management_url).call(
-            method, path, body
-        )
+        return self.management.call(method, path, body)
 
     def check(self) -> None:
         """Raise RuntimeError with one line saying what is wrong and what to do about it."""
@@ -81,16 +84,10 @@ class Broker:
         )
 
     def create_vhost(self, name: str) -> None:
-        user = urlsplit(self.amqp_url).username
-        self.api("PUT", f"vhosts/{quote(name, safe='')}", {})
-        self.api(
-            "PUT",
-            f"permissions/{quote(name, safe='')}/{user}",
-            {"configure": ".*", "write": ".*", "read": ".*"},
-        )
+        self.management.create_vhost(name)
 
     def delete_vhost(self, name: str) -> None:
-        self.api("DELETE", f"vhosts/{quote(name, safe='')}")
+        self.management.delete_vhost(name)
 
 
 def start_container() -> tuple[Broker, Any]:

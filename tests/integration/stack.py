@@ -1,23 +1,17 @@
-"""The system under test as real processes: orchestrator, participants and place_order.py.
+"""The tests' layer over scripts/harness: fast time-outs, private-table reads, raw AMQP.
 
-Each stack lives in its own vhost and data directory. Processes are started the way a user
-starts them (`python -m ...`), their logs go to files the tests read, and they can be
-killed for real.
+The stack itself (processes started as a user starts them, logs in files, real kills) is
+scripts/harness/stack.py, the same one the chaos soak and the bench start. What is here is
+only for tests: settings that make time-outs quick, and looking inside a service's own
+SQLite file or its queues to assert on what no command line shows.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pika
@@ -25,9 +19,11 @@ import pika
 from messages.contract import topology
 from messages.contract.codec import decode, encode
 from messages.contract.models import Envelope
+from scripts.harness import stack as harness
+from scripts.harness.processes import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-READY_TIMEOUT_S = 20.0
+__all__ = ["FAST_TIMEOUTS", "ROOT", "Stack", "amqp_channel", "drain", "replies", "send"]
+
 # Settings that make a silent participant time out in ~1 s, resends of the pivot and of
 # compensations reach their longest wait (1 s) quickly, and a saga count as stuck after 2 s.
 FAST_TIMEOUTS = {
@@ -39,125 +35,8 @@ FAST_TIMEOUTS = {
 }
 
 
-@dataclass
-class Service:
-    """One running process and the file its output goes to."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@dataclass
-class Stack:
-    """Processes of one test, sharing a vhost and a data directory."""
-
-    amqp_url: str
-    data_dir: Path
-    env: dict[str, str] = field(default_factory=dict)
-    services: dict[str, Service] = field(default_factory=dict)
-
-    def environment(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}
-        env.update(
-            SAGA_AMQP_URL=self.amqp_url,
-            SAGA_DATA_DIR=str(self.data_dir),
-            SAGA_LOG_LEVEL="INFO",
-            PYTHONUNBUFFERED="1",
-        )
-        env.update(self.env)
-        env.update(extra)
-        return env
-
-    def start(self, name: str, *argv: str, ready: str | None = "ready", **env: str) -> Service:
-        """Start ``python -m argv...`` and wait until its log says ``ready``."""
-        log = self.data_dir / f"{name}.log"
-        with log.open("ab") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", *argv],
-                cwd=ROOT,
-                env=self.environment(**env),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        service = Service(name, process, log)
-        self.services[name] = service
-        if ready:
-            self.wait_for_log(name, ready)
-        return service
-
-    def orchestrator(self, **env: str) -> Service:
-        return self.start("orchestrator", "orchestrator", "run", **env)
-
-    def worker(self, participant: str, *options: str, **env: str) -> Service:
-        return self.start(
-            participant,
-            "workers",
-            "run",
-            participant,
-            *options,
-            ready=f"{participant}.commands" if participant != "all" else "order.commands",
-            **env,
-        )
-
-    def wait_for_log(self, name: str, text: str, timeout: float = READY_TIMEOUT_S) -> None:
-        service = self.services[name]
-        deadline = time.monotonic() + timeout
-        while text not in service.output():
-            if service.process.poll() is not None:
-                raise AssertionError(
-                    f"{name} exited ({service.process.returncode}):\n{service.output()}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name} never logged {text!r}:\n{service.output()}")
-            time.sleep(0.05)
-
-    def kill(self, name: str) -> None:
-        """SIGKILL: no clean-up, no flush, like a crash."""
-        service = self.services.pop(name)
-        service.process.send_signal(signal.SIGKILL)
-        service.process.wait(10)
-
-    def stop_all(self) -> None:
-        for service in self.services.values():
-            if service.process.poll() is None:
-                service.process.terminate()
-        for service in self.services.values():
-            try:
-                service.process.wait(10)
-            except subprocess.TimeoutExpired:
-                service.process.kill()
-        self.services.clear()
-
-    # --- the user's client -------------------------------------------------------------
-
-    def place_order(self, *args: str, timeout: float = 20.0) -> tuple[int, dict[str, Any]]:
-        """Run scripts/place_order.py --json; return its exit code and parsed output."""
-        done = self.place_order_async(*args, timeout=timeout)
-        out, err = done.communicate(timeout=timeout + 30)
-        return done.returncode, _json_or_error(out, err)
-
-    def place_order_async(self, *args: str, timeout: float = 20.0) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "scripts" / "place_order.py"),
-                *args,
-                "--json",
-                "--timeout",
-                str(timeout),
-            ],
-            cwd=ROOT,
-            env=self.environment(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    # --- looking at state ----------------------------------------------------------------
+class Stack(harness.Stack):
+    """The harness's stack, plus read-only looks into a service's own database."""
 
     def query(self, participant: str, sql: str, *args: object) -> list[tuple[Any, ...]]:
         """Read a service's own SQLite file (read-only)."""
@@ -167,25 +46,6 @@ class Stack:
 
     def stock(self, sku: str) -> int:
         return int(self.query("inventory", "SELECT quantity FROM stock WHERE sku = ?", sku)[0][0])
-
-    def saga(self, saga_id: str) -> dict[str, Any]:
-        """`python -m orchestrator show SAGA_ID --json`, as a user would read it."""
-        out = subprocess.run(
-            [sys.executable, "-m", "orchestrator", "show", saga_id, "--json"],
-            cwd=ROOT,
-            env=self.environment(),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        return dict(json.loads(out))
-
-
-def _json_or_error(out: str, err: str) -> dict[str, Any]:
-    try:
-        return dict(json.loads(out))
-    except json.JSONDecodeError:
-        return {"stdout": out, "stderr": err}
 
 
 @contextmanager

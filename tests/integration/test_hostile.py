@@ -497,7 +497,7 @@ def test_hostile_inputs_are_dead_lettered_while_real_sagas_run(stack: Stack) -> 
     # The services are still up, crashed on nothing, and the databases changed only by the
     # real orders: no hostile input reserved, charged, ordered or started anything
     for name, service in stack.services.items():
-        assert service.process.poll() is None, f"{name} exited:\n{service.output()}"
+        assert service.poll() is None, f"{name} exited:\n{service.output()}"
         assert "Traceback" not in service.output(), f"{name}:\n{service.output()}"
     assert snapshot(stack) == expected_after(before, placed)
 

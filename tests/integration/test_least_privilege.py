@@ -248,6 +248,6 @@ def test_a_service_without_the_topology_says_to_provision(stack: Stack) -> None:
     service = stack.start(
         "orchestrator", "orchestrator", "run", ready=None, SAGA_DECLARE_TOPOLOGY="false"
     )
-    assert service.process.wait(30) == 2
+    assert service.wait(30) == 2
     assert "run `saga provision` first" in service.output()
     assert "Traceback" not in service.output()

@@ -289,7 +289,7 @@ def test_a_saga_that_cannot_be_read_is_quarantined_and_the_rest_go_on(stack: Sta
     stack.worker("payment")
     stack.worker("order")
     wait_until("the good saga", lambda: stack.saga(good)["status"] == "COMPLETED", timeout=30)
-    assert stack.services["orchestrator"].process.poll() is None
+    assert stack.services["orchestrator"].poll() is None
     assert stack.services["orchestrator"].output().count(f"saga {bad} quarantined") == 1
     for order in orders:
         order.kill()

@@ -1,0 +1,1 @@
+"""Tools around the product: thin command lines over the harness package."""

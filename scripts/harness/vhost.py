@@ -1,0 +1,42 @@
+"""A vhost of one's own on a shared broker, made and removed through the management API."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from messages.plumbing.management import ManagementApi
+
+
+def vhost_url(url: str, vhost: str) -> str:
+    """``url`` pointing at ``vhost`` (query parameters such as heartbeat kept)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), parts.query, ""))
+
+
+def vhost_of(url: str) -> str:
+    """The vhost an AMQP URL names ("/" when it names none)."""
+    return unquote(urlsplit(url).path.lstrip("/")) or "/"
+
+
+def management_for(url: str, management_url: str | None = None) -> ManagementApi:
+    """The management API of the broker at ``url``, with its credentials."""
+    return ManagementApi.for_amqp_url(url, management_url)
+
+
+def new_vhost_name(prefix: str) -> str:
+    """A vhost name nobody else uses: ``prefix`` and a random suffix."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@contextmanager
+def private_vhost(api: ManagementApi, url: str, prefix: str) -> Iterator[str]:
+    """A fresh vhost for the duration of the block; yields its AMQP URL."""
+    name = new_vhost_name(prefix)
+    api.create_vhost(name)
+    try:
+        yield vhost_url(url, name)
+    finally:
+        api.delete_vhost(name)
