@@ -301,6 +301,7 @@ def _stats(store: SagaStore, args: argparse.Namespace, stuck_after_s: float) -> 
         "by_outcome": stats.by_outcome,
         "finished": len(durations),
         "stuck": stuck,
+        "outbox": store.outbox_depth(),
         "duration_mean_ms": None if mean is None else round(mean * 1000, 1),
         "duration_p99_ms": None if p99 is None else round(p99 * 1000, 1),
         "oldest_running": None
@@ -323,6 +324,8 @@ def _stats(store: SagaStore, args: argparse.Namespace, stuck_after_s: float) -> 
         print(f"duration:   mean {mean * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
     if stuck:
         print(f"stuck:      {stuck} (waiting {stuck_after_s:g}s or longer: saga list --stuck)")
+    if report["outbox"]:
+        print(f"outbox:     {report['outbox']} message(s) not yet confirmed by the broker")
     if oldest is not None:
         age = _age(oldest, datetime.now(UTC))
         print(f"oldest in flight: {oldest.saga_id}, {oldest.status}, {age} old")

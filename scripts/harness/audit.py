@@ -51,7 +51,7 @@ class Snapshot:
     """Everything the audit looks at, read once the stack is quiet."""
 
     sagas: dict[str, Saga]
-    outbox: int | None  # None: the orchestrator's metrics did not answer
+    outbox: int | None  # None: `orchestrator stats --json` did not answer
     stock: dict[str, int]
     reservations: dict[str, tuple[str, int, str]]  # saga -> sku, quantity, status
     charges: dict[str, tuple[str, Decimal, str, str]]  # saga -> customer, amount, currency, status
@@ -73,7 +73,7 @@ def _saga(row: dict[str, Any], request: PlaceOrder) -> Saga:
 def read_snapshot(
     stack: Stack, orchestrator: Orchestrator, placed: dict[str, PlaceOrder]
 ) -> Snapshot:
-    """Read every service through its command line (and the orchestrator's outbox gauge)."""
+    """Read every service through its command line."""
     try:
         listed = stack.sagas()
         stock = {str(k): int(v) for k, v in stack.cli("workers", "stock").items()}
@@ -271,7 +271,7 @@ def check_queues(
             stats = None
         problems = queue_problems(stats, probe.depths(queues))
         if outbox is None:
-            problems.append("orchestrator outbox: unknown (its metrics did not answer)")
+            problems.append("orchestrator outbox: unknown (`stats --json` did not answer)")
         elif outbox:
             problems.append(f"orchestrator outbox: {outbox} message(s) never confirmed sent")
         fresh = time.monotonic() - quiet_since >= STATS_LAG_S

@@ -1,13 +1,10 @@
 """What the running stack says about itself: sagas by `orchestrator list --json`, the outbox
-by the orchestrator's metrics, queue depths by the broker. Never another service's tables.
+by `orchestrator stats --json`, queue depths by the broker. Never another service's tables.
 """
 
 from __future__ import annotations
 
 import contextlib
-import socket
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -16,15 +13,6 @@ import pika
 import pika.exceptions
 
 from scripts.harness.stack import CliError, Stack
-
-OUTBOX_GAUGE = "saga_outbox_depth"
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (for a service's metrics)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -42,11 +30,10 @@ class Sagas:
 
 
 class Orchestrator:
-    """The orchestrator, read through its command line and its metrics endpoint."""
+    """The orchestrator, read through its command line."""
 
-    def __init__(self, stack: Stack, metrics_port: int) -> None:
+    def __init__(self, stack: Stack) -> None:
         self.stack = stack
-        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
     def sagas(self) -> Sagas | None:
         """Every saga (`python -m orchestrator list --limit 0 --json`); None if it fails."""
@@ -56,17 +43,11 @@ class Orchestrator:
             return None
 
     def outbox(self) -> int | None:
-        """Messages not yet confirmed published, or None while the orchestrator is down."""
+        """Messages not yet confirmed published (`stats --json`), or None if that fails."""
         try:
-            with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
-                text = response.read().decode()
-        except (urllib.error.URLError, OSError):
+            return int(self.stack.cli("orchestrator", "stats")["outbox"])
+        except (CliError, KeyError, TypeError, ValueError):
             return None
-        for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            if name == OUTBOX_GAUGE:
-                return int(float(value))
-        return None
 
 
 class Probe:

@@ -19,7 +19,7 @@ from scripts.harness.chaos_plan import BrokerRestart, Chaos, Progress, plan_chao
 from scripts.harness.chaos_report import build_report
 from scripts.harness.drain import drain
 from scripts.harness.load import Load
-from scripts.harness.observe import Orchestrator, Probe, free_port
+from scripts.harness.observe import Orchestrator, Probe
 from scripts.harness.supervisor import Supervisor, build_services, soak_stack
 from scripts.harness.vhost import vhost_url
 
@@ -31,9 +31,8 @@ def soak(opts: Options, mgmt: ManagementApi, vhost: str, data_dir: Path) -> dict
     orders = [make_order(rng) for _ in range(opts.sagas)]
     started = time.monotonic()
     stack = soak_stack(url, data_dir)
-    metrics_port = free_port()  # the orchestrator's outbox gauge, read while it drains
-    supervisor = Supervisor(build_services(opts, stack, metrics_port), started)
-    orchestrator = Orchestrator(stack, metrics_port)
+    supervisor = Supervisor(build_services(opts, stack), started)
+    orchestrator = Orchestrator(stack)
     probe = Probe(url)
     progress = Progress()
     chaos = Chaos(

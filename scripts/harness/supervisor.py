@@ -145,8 +145,8 @@ class Supervisor:
         Processes({name: s.process for name, s in self.services.items()}).stop(10)
 
 
-def build_services(opts: Options, stack: Stack, metrics_port: int) -> list[Service]:
-    """The orchestrator (serving metrics on ``metrics_port``) and the faulty participants."""
+def build_services(opts: Options, stack: Stack) -> list[Service]:
+    """The orchestrator and the faulty participants."""
     stock = ",".join(f"{sku}={n}" for sku, n in seeded_stock(opts).items())
     limits = ",".join(f"{c}={limit}" for c, limit in LIMITS.items())
     options = {
@@ -154,8 +154,7 @@ def build_services(opts: Options, stack: Stack, metrics_port: int) -> list[Servi
         "payment": ("--limit", limits),
         "order": ("--block", BLOCKED_CUSTOMER),
     }
-    port = {"SAGA_METRICS_PORT": str(metrics_port)}
-    services = [Service(stack.process("orchestrator", "orchestrator", "run", **port))]
+    services = [Service(stack.process("orchestrator", "orchestrator", "run"))]
     faults = fault_env(opts)
     services += [
         Service(stack.process(p, "workers", "run", p, *options[p], **faults)) for p in PARTICIPANTS

@@ -31,7 +31,9 @@ from messages.contract.models import (
 )
 from messages.plumbing.timeline import format_timeline
 from orchestrator.definition import input_of
-from orchestrator.engine import SagaState
+from orchestrator.engine import SagaState, start
+from orchestrator.runtime import definition_from, to_outbox
+from orchestrator.settings import OrchestratorSettings
 from orchestrator.store import SqliteStore
 from workers import inventory, payment
 from workers.runtime import Failed, Succeeded, open_db
@@ -199,6 +201,18 @@ def test_stats_shows_no_oldest_line_when_every_saga_has_finished(tmp_path: Path)
 
     assert shown.returncode == 0, shown.stderr
     assert "oldest" not in shown.stdout
+
+
+def test_stats_counts_the_messages_the_broker_has_not_confirmed(tmp_path: Path) -> None:
+    # Given a saga whose first command waits in the outbox (the broker was away)
+    store = SqliteStore(tmp_path / "orchestrator.db")
+    decision = start(definition_from(OrchestratorSettings()), order(), None, datetime.now(UTC))
+    store.commit(decision.state, to_outbox(decision))
+    store.close()
+
+    # Then stats says so, for people and for the chaos soak's audit
+    assert json.loads(run(tmp_path, "orchestrator", "stats", "--json").stdout)["outbox"] == 1
+    assert "outbox:     1 message(s)" in run(tmp_path, "orchestrator", "stats").stdout
 
 
 # --- item: timelines longer than a minute ------------------------------------------------------
