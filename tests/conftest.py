@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -62,6 +62,22 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         _broker_of(session.config)
     if any(item.get_closest_marker("postgres") for item in session.items):
         _check_postgres()
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    """A URL of a fresh database of its own in the test PostgreSQL, dropped after the test.
+
+    For a whole stack: the orchestrator's tables and a schema per participant in it.
+    """
+    name = f"saga_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    try:
+        yield urlunsplit(urlsplit(POSTGRES_URL)._replace(path=f"/{name}"))
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as db:
+            db.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 @pytest.fixture

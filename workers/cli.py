@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import TypeVar
 
+import psycopg
 from pydantic import ValidationError
 
 from messages.contract.models import parse_money
@@ -23,8 +24,8 @@ from messages.plumbing import health, logs
 from messages.plumbing.metrics import serve as serve_metrics
 from messages.plumbing.service import run_service
 from messages.plumbing.settings import load
-from messages.plumbing.sqlite import open_sqlite
 from workers import inventory, order, payment
+from workers.db import Database, open_reader
 from workers.faults import Faults
 from workers.runtime import Participant, open_db, serve
 from workers.settings import WorkerSettings
@@ -141,7 +142,11 @@ async def _run(settings: WorkerSettings, args: argparse.Namespace) -> None:
         "payment": payment.payment(settings.default_credit_limit),
         "order": order.ORDER,
     }
-    dbs = {name: open_db(settings.db_path(name), participants[name].schema) for name in names}
+    url = settings.participant_db_url
+    dbs = {
+        name: open_db(settings.db_path(name), participants[name].schema, url, name)
+        for name in names
+    }
     if "inventory" in dbs:
         inventory.seed(dbs["inventory"], args.stock)
     if "payment" in dbs:
@@ -158,7 +163,7 @@ async def _run(settings: WorkerSettings, args: argparse.Namespace) -> None:
 
 
 def _stock(settings: WorkerSettings, as_json: bool) -> int:
-    db: sqlite3.Connection = open_sqlite(settings.db_path("inventory"), readonly=True)
+    db = open_reader(settings.participant_db_url, settings.db_path("inventory"), "inventory")
     try:
         levels = inventory.current_stock(db)
     finally:
@@ -172,7 +177,7 @@ def _stock(settings: WorkerSettings, as_json: bool) -> int:
 
 
 # Each per-saga reader: (the participant whose database it reads, the function reading it).
-_BY_SAGA: dict[str, tuple[str, Callable[[sqlite3.Connection], Mapping[str, Mapping[str, object]]]]]
+_BY_SAGA: dict[str, tuple[str, Callable[[Database], Mapping[str, Mapping[str, object]]]]]
 _BY_SAGA = {
     "reservations": ("inventory", inventory.reservations),
     "payments": ("payment", payment.charges),
@@ -183,7 +188,7 @@ _BY_SAGA = {
 def _by_saga(settings: WorkerSettings, command: str, as_json: bool) -> int:
     """One participant's rows by saga id, from its own database only."""
     participant, read = _BY_SAGA[command]
-    db: sqlite3.Connection = open_sqlite(settings.db_path(participant), readonly=True)
+    db = open_reader(settings.participant_db_url, settings.db_path(participant), participant)
     try:
         rows = read(db)
     finally:
@@ -221,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output piped into `head` and the like: the reader left, nothing went wrong here.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (OSError, sqlite3.Error) as exc:
-        print(f"error: the data under SAGA_DATA_DIR cannot be used: {exc}", file=sys.stderr)
+    except (OSError, sqlite3.Error, psycopg.Error) as exc:
+        url = "SAGA_PARTICIPANT_DB_URL"
+        where = url if os.environ.get(url) else "SAGA_DATA_DIR"
+        print(f"error: the data under {where} cannot be used: {exc}", file=sys.stderr)
         return 2

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 
 from messages.contract.models import ReleaseStock, ReserveStock
-from workers.runtime import Failed, Outcome, Participant, Succeeded, transaction
+from workers.db import Database, transaction
+from workers.runtime import Failed, Outcome, Participant, Succeeded
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS reservations (
 """
 
 
-def reserve(command: ReserveStock, db: sqlite3.Connection) -> Outcome:
+def reserve(command: ReserveStock, db: Database) -> Outcome:
     """Take units out of stock for the saga, or fail with out_of_stock."""
     saga = str(command.saga_id)
     row = db.execute("SELECT status FROM reservations WHERE saga_id = ?", (saga,)).fetchone()
@@ -33,16 +33,21 @@ def reserve(command: ReserveStock, db: sqlite3.Connection) -> Outcome:
         if row[0] == "released":
             return Failed("already_compensated", "the saga's reservation was already released")
         return Succeeded("already reserved")
+    # One conditional update, not a read then a write: replicas of inventory on one database
+    # reserve at the same time, and the database alone can say what is left.
+    taken = db.execute(
+        "UPDATE stock SET quantity = quantity - ? WHERE sku = ? AND quantity >= ?",
+        (command.quantity, command.sku, command.quantity),
+    ).rowcount
     stock = db.execute("SELECT quantity FROM stock WHERE sku = ?", (command.sku,)).fetchone()
-    available = 0 if stock is None else stock[0]
-    if available < command.quantity:
+    if not taken:
+        available = 0 if stock is None else stock[0]
         stocked = "" if stock is not None else " (not a stocked SKU)"
         return Failed(
             "out_of_stock",
             f"{command.sku}: {available} available, {command.quantity} requested{stocked}",
         )
-    remaining = available - command.quantity
-    db.execute("UPDATE stock SET quantity = ? WHERE sku = ?", (remaining, command.sku))
+    remaining = stock[0]
     db.execute(
         "INSERT INTO reservations VALUES (?, ?, ?, 'reserved')",
         (saga, command.sku, command.quantity),
@@ -52,7 +57,7 @@ def reserve(command: ReserveStock, db: sqlite3.Connection) -> Outcome:
     return Succeeded(f"{command.sku} remaining: {remaining}")
 
 
-def release(command: ReleaseStock, db: sqlite3.Connection) -> Outcome:
+def release(command: ReleaseStock, db: Database) -> Outcome:
     """Give the saga's reservation back; leave a tombstone if there was none."""
     saga = str(command.saga_id)
     row = db.execute(
@@ -76,14 +81,16 @@ def release(command: ReleaseStock, db: sqlite3.Connection) -> Outcome:
     return Succeeded(f"{sku} restored to {restored}")
 
 
-def seed(db: sqlite3.Connection, stock: dict[str, int]) -> None:
+def seed(db: Database, stock: dict[str, int]) -> None:
     """Set initial stock for SKUs the database does not know yet; stock is state, not config."""
     with transaction(db):
         for sku, quantity in stock.items():
+            # ON CONFLICT: a replica starting at the same time may stock it first.
+            added = db.execute(
+                "INSERT INTO stock VALUES (?, ?) ON CONFLICT (sku) DO NOTHING", (sku, quantity)
+            ).rowcount
             row = db.execute("SELECT quantity FROM stock WHERE sku = ?", (sku,)).fetchone()
-            if row is None:
-                db.execute("INSERT INTO stock VALUES (?, ?)", (sku, quantity))
-            elif row[0] != quantity:
+            if not added and row[0] != quantity:
                 log.warning(
                     "--stock %s=%d ignored: %s is already stocked with %d (seeds apply to new "
                     "SKUs only)",
@@ -94,12 +101,12 @@ def seed(db: sqlite3.Connection, stock: dict[str, int]) -> None:
                 )
 
 
-def current_stock(db: sqlite3.Connection) -> dict[str, int]:
+def current_stock(db: Database) -> dict[str, int]:
     """Units on hand per SKU (reserved units are not on hand)."""
     return dict(db.execute("SELECT sku, quantity FROM stock ORDER BY sku").fetchall())
 
 
-def reservations(db: sqlite3.Connection) -> dict[str, dict[str, object]]:
+def reservations(db: Database) -> dict[str, dict[str, object]]:
     """Each saga's reservation: SKU, units and whether they are still reserved or released."""
     rows = db.execute("SELECT saga_id, sku, quantity, status FROM reservations ORDER BY saga_id")
     return {s: {"sku": sku, "quantity": int(q), "status": st} for s, sku, q, st in rows}

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 
 from messages.contract.models import CompleteOrder
-from workers.runtime import Failed, Outcome, Participant, Succeeded, transaction
+from workers.db import Database, transaction
+from workers.runtime import Failed, Outcome, Participant, Succeeded
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ CREATE TABLE IF NOT EXISTS orders (
 """
 
 
-def complete(command: CompleteOrder, db: sqlite3.Connection) -> Outcome:
+def complete(command: CompleteOrder, db: Database) -> Outcome:
     """Record the order as completed, or fail with customer_blocked."""
     saga = str(command.saga_id)
     if db.execute("SELECT 1 FROM orders WHERE saga_id = ?", (saga,)).fetchone():
@@ -54,15 +54,16 @@ def complete(command: CompleteOrder, db: sqlite3.Connection) -> Outcome:
     return Succeeded("order completed")
 
 
-def seed(db: sqlite3.Connection, blocked: list[str]) -> None:
+def seed(db: Database, blocked: list[str]) -> None:
     """Block these customers (kept across restarts)."""
     with transaction(db):
         db.executemany(
-            "INSERT OR IGNORE INTO blocked_customers VALUES (?)", [(c,) for c in blocked]
+            "INSERT INTO blocked_customers VALUES (?) ON CONFLICT DO NOTHING",
+            [(c,) for c in blocked],
         )
 
 
-def orders(db: sqlite3.Connection) -> dict[str, dict[str, object]]:
+def orders(db: Database) -> dict[str, dict[str, object]]:
     """Each saga's order: customer, SKU, units, amount (a decimal string) and currency."""
     rows = db.execute(
         "SELECT saga_id, customer_id, sku, quantity, amount, currency FROM orders ORDER BY saga_id"

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import sqlite3
 from decimal import Decimal
 
 from messages.contract.models import ChargePayment, RefundPayment
-from workers.runtime import Failed, Outcome, Participant, Succeeded, transaction
+from workers.db import Database, PostgresDb, transaction
+from workers.runtime import Failed, Outcome, Participant, Succeeded
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS charges (
 )
 
 
-def charge(command: ChargePayment, db: sqlite3.Connection, *, default_limit: Decimal) -> Outcome:
+def charge(command: ChargePayment, db: Database, *, default_limit: Decimal) -> Outcome:
     """Charge the customer, or fail with payment_declined above their credit limit."""
     saga = str(command.saga_id)
     row = db.execute("SELECT status FROM charges WHERE saga_id = ?", (saga,)).fetchone()
@@ -67,7 +67,7 @@ def charge(command: ChargePayment, db: sqlite3.Connection, *, default_limit: Dec
     return Succeeded(f"charged {money}")
 
 
-def refund(command: RefundPayment, db: sqlite3.Connection) -> Outcome:
+def refund(command: RefundPayment, db: Database) -> Outcome:
     """Refund the saga's charge; leave a tombstone if there was none."""
     saga = str(command.saga_id)
     row = db.execute("SELECT status FROM charges WHERE saga_id = ?", (saga,)).fetchone()
@@ -89,19 +89,21 @@ def refund(command: RefundPayment, db: sqlite3.Connection) -> Outcome:
     return Succeeded(f"refunded {command.amount}")
 
 
-def seed(db: sqlite3.Connection, limits: dict[tuple[str, str], Decimal]) -> None:
+def seed(db: Database, limits: dict[tuple[str, str], Decimal]) -> None:
     """Set credit limits by (customer, currency): a value given at start replaces the stored one."""
     with transaction(db):
         _migrate(db)
         db.executemany(
-            "INSERT OR REPLACE INTO credit_limits (customer_id, currency, max_charge)"
-            " VALUES (?, ?, ?)",
+            "INSERT INTO credit_limits (customer_id, currency, max_charge) VALUES (?, ?, ?)"
+            " ON CONFLICT (customer_id, currency) DO UPDATE SET max_charge = excluded.max_charge",
             [(customer, currency, str(limit)) for (customer, currency), limit in limits.items()],
         )
 
 
-def _migrate(db: sqlite3.Connection) -> None:
+def _migrate(db: Database) -> None:
     """Limits stored before they were per currency were in EUR, the only currency then."""
+    if isinstance(db, PostgresDb):
+        return  # PostgreSQL stores were per currency from the start
     columns = {row[1] for row in db.execute("PRAGMA table_info(credit_limits)")}
     if "currency" in columns:
         return
@@ -115,7 +117,7 @@ def _migrate(db: sqlite3.Connection) -> None:
     log.info("credit limits are per currency now: stored limits kept as EUR")
 
 
-def charges(db: sqlite3.Connection) -> dict[str, dict[str, str]]:
+def charges(db: Database) -> dict[str, dict[str, str]]:
     """Each saga's charge: customer, amount (a decimal string), currency, charged or refunded."""
     rows = db.execute(
         "SELECT saga_id, customer_id, amount, currency, status FROM charges ORDER BY saga_id"

@@ -11,10 +11,8 @@ import asyncio
 import contextvars
 import functools
 import logging
-import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,6 +37,7 @@ from messages.plumbing import health as liveness
 from messages.plumbing.batching import GroupCommit
 from messages.plumbing.service import run_all
 from messages.plumbing.settings import BrokerSettings, ServiceSettings
+from workers.db import Database, open_database, transaction
 from workers.faults import Faults
 
 log = logging.getLogger(__name__)
@@ -73,7 +72,7 @@ class Failed:
 
 
 Outcome = Succeeded | Failed
-Handler = Callable[[Any, sqlite3.Connection], Outcome]
+Handler = Callable[[Any, Database], Outcome]
 
 _RUNTIME_SCHEMA = """
 CREATE TABLE IF NOT EXISTS processed_commands (
@@ -101,35 +100,12 @@ class Participant:
     handlers: Mapping[type[Command], Handler]
 
 
-def open_db(path: Path, schema: str) -> sqlite3.Connection:
-    """The participant's own database, created on first use, in autocommit mode.
+def open_db(path: Path, schema: str, url: str = "", name: str = "") -> Database:
+    """The participant's own database, with its tables and the dedupe record.
 
-    Transactions are explicit (``transaction``) so the dedupe record and the state change
-    always commit together.
+    The SQLite file at ``path``; or, with a PostgreSQL ``url``, the schema ``name`` in it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Used by the participant's writer thread, after its creator (the main thread) seeds it.
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA busy_timeout=5000")
-    db.executescript(_RUNTIME_SCHEMA + schema)
-    return db
-
-
-@contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK if the block raises."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-        db.execute("COMMIT")
-    except BaseException:
-        # A failed COMMIT (disk full, I/O error) leaves the transaction open; close it, or
-        # every later BEGIN fails and the participant is stuck until restarted.
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
+    return open_database(url, path, name, _RUNTIME_SCHEMA + schema)
 
 
 @dataclass(frozen=True)
@@ -142,7 +118,7 @@ class Handled:
 
 def apply_batch(
     participant: Participant,
-    db: sqlite3.Connection,
+    db: Database,
     retention: timedelta,
     commands: list[tuple[Command, contextvars.Context]],
 ) -> list[Handled | Exception]:
@@ -166,7 +142,7 @@ def apply_batch(
 
 
 def _apply(
-    participant: Participant, db: sqlite3.Connection, retention: timedelta, command: Command
+    participant: Participant, db: Database, retention: timedelta, command: Command
 ) -> Handled:
     """Handle ``command`` exactly once; a repeat returns the first reply unchanged.
 
@@ -211,7 +187,7 @@ def _apply(
     return Handled(reply)
 
 
-def prune(db: sqlite3.Connection, before: datetime, limit: int) -> int:
+def prune(db: Database, before: datetime, limit: int) -> int:
     """Delete up to ``limit`` processed-command records older than ``before``."""
     with transaction(db):
         return db.execute(
@@ -222,7 +198,7 @@ def prune(db: sqlite3.Connection, before: datetime, limit: int) -> int:
 
 
 async def _pruner(
-    participant: str, group: GroupCommit[Any, Any], db: sqlite3.Connection, retention: timedelta
+    participant: str, group: GroupCommit[Any, Any], db: Database, retention: timedelta
 ) -> None:
     """Delete processed-command records once they are older than the retention, every hour."""
     while True:
@@ -262,7 +238,7 @@ def _reply(participant: str, command: Command, outcome: Outcome) -> Reply:
 
 async def serve(
     participants: list[Participant],
-    dbs: Mapping[str, sqlite3.Connection],
+    dbs: Mapping[str, Database],
     settings: ServiceSettings,
     health_name: str,
     faults: Faults | None = None,

@@ -19,6 +19,13 @@ class WorkerSettings(ServiceSettings):
         description="Largest charge payment accepts from a customer with no limit of their own",
     )
 
+    participant_db_url: str = Field(
+        default="",
+        description="Where participants keep their state: empty for one SQLite file each in "
+        "SAGA_DATA_DIR, or postgresql://... for a schema each (named after the participant) in "
+        "that database, shared by replicas of the participant",
+    )
+
     # Fault injection, for chaos runs only: the chance, per command, of each fault.
     fault_drop_reply: float = Field(default=0.0, ge=0, le=1, description="Never send the reply")
     fault_delay_reply: float = Field(

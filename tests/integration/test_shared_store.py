@@ -1,8 +1,10 @@
-"""Two orchestrators on one PostgreSQL store and one vhost: one is killed, none of it is lost.
+"""Two orchestrators and two inventories on one PostgreSQL: one is killed, none of it is lost.
 
-Real processes, a real broker, a real PostgreSQL (a schema of this test's own). The
-survivor takes the killed one's unacked deliveries from the queues, and, once its lease has
-run out, the outbox rows it had committed but not published.
+Real processes, a real broker, a real PostgreSQL (a database of this test's own: the
+orchestrators' tables, and a schema per participant). The surviving orchestrator takes the
+killed one's unacked deliveries from the queues and, once its lease has run out, the outbox
+rows it had committed but not published; the two inventories compete for one queue and one
+stock.
 """
 
 from __future__ import annotations
@@ -22,14 +24,23 @@ STOCK = 250  # so that some sagas are compensated too: both paths cross the kill
 
 
 def test_a_killed_orchestrator_loses_nothing_the_other_one_finishes(
-    stack: Stack, postgres_url: str, tmp_path: Path
+    stack: Stack, postgres_database: str, tmp_path: Path
 ) -> None:
-    # Given two orchestrators sharing a PostgreSQL store, each with a data dir of its own
-    stack.env["SAGA_STORE_URL"] = postgres_url
-    stack.worker("all", "--stock", f"item-1={STOCK}")
-    for name in ("orchestrator-a", "orchestrator-b"):
+    # Given two orchestrators and two inventories sharing one PostgreSQL, each process with
+    # a data dir of its own (for its health file)
+    stack.env["SAGA_STORE_URL"] = postgres_database
+    stack.env["SAGA_PARTICIPANT_DB_URL"] = postgres_database
+
+    def start(name: str, *argv: str, ready: str = "ready") -> None:
         (tmp_path / name).mkdir()
-        stack.start(name, "orchestrator", "run", SAGA_DATA_DIR=str(tmp_path / name))
+        stack.start(name, *argv, ready=ready, SAGA_DATA_DIR=str(tmp_path / name))
+
+    for name in ("inventory-a", "inventory-b"):
+        start(name, "workers", "run", "inventory", "--stock", f"item-1={STOCK}", ready="commands")
+    start("payment", "workers", "run", "payment", ready="commands")
+    start("order", "workers", "run", "order", ready="commands")
+    for name in ("orchestrator-a", "orchestrator-b"):
+        start(name, "orchestrator", "run")
 
     # When orders flow and one orchestrator is SIGKILLed while they do
     placing = stack.place_order_async(
@@ -53,10 +64,13 @@ def test_a_killed_orchestrator_loses_nothing_the_other_one_finishes(
     assert sum(1 for c in charges.values() if c["status"] == "charged") == STOCK
     orders = stack.cli("workers", "orders")
     assert len(orders) == STOCK
-    # and both took part: the killed one had started sagas, the survivor finished the rest
-    started = {
-        name: (stack.data_dir / f"{name}.log").read_text().count("saga: started")
-        for name in ("orchestrator-a", "orchestrator-b")
-    }
+
+    # and every process took part: the killed orchestrator had started sagas, the survivor
+    # finished the rest, and both inventories reserved stock
+    def logged(name: str, text: str) -> int:
+        return (stack.data_dir / f"{name}.log").read_text().count(text)
+
+    started = {name: logged(name, "saga: started") for name in ("orchestrator-a", "orchestrator-b")}
     assert 0 < started["orchestrator-a"] < ORDERS, started
     assert started["orchestrator-b"] > 0, started
+    assert logged("inventory-a", "Reserved") > 0 and logged("inventory-b", "Reserved") > 0
