@@ -57,5 +57,9 @@ class BrokerUnavailableError(SagaError):
     """Raised when the broker stayed out of reach longer than the service may wait for it."""
 
 
+class NoNodeAnsweredError(SagaError):
+    """Raised when no node of SAGA_AMQP_URL answered one round of connection attempts."""
+
+
 class UnreadableSagaError(SagaError):
     """Raised when a stored saga cannot be read back (corrupt, or from an unknown version)."""
