@@ -120,7 +120,7 @@ def _put(api: ManagementApi, path: str, body: dict[str, Any], patience_s: float 
 
 async def provision(settings: ProvisionSettings) -> list[str]:
     """Create the vhost, users and permissions, then declare the topology; say what was done."""
-    vhost = URL(settings.amqp_url).path[1:] or "/"
+    vhost = URL(settings.amqp_urls[0]).path[1:] or "/"  # the same in every node URL
     api = ManagementApi.for_amqp_url(settings.amqp_url, settings.management_url)
     admin = api.user
     where = quote(vhost, safe="")

@@ -53,7 +53,7 @@ def split_amqp_urls(value: str) -> list[str]:
     several = len(urls) > 1
     for number, url in enumerate(urls, 1):
         where = f"entry {number} ({redact(url)!r})" if several else ""
-        if not url:
+        if not url and several:
             raise ValueError(f"entry {number} is empty: separate node URLs with single commas")
         try:
             check_amqp_url(url)
