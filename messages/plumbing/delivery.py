@@ -165,7 +165,8 @@ async def consume(
     consumer's alone (acks are sent several at a time). A message that does not decode, or
     that the handler rejects, goes to the DLQ with the reason and is logged once; the
     consumer keeps going. A handler that raises gets the message again (requeued after a
-    pause) up to SAGA_MAX_DELIVERIES times; then it is dead-lettered with the error.
+    pause) up to SAGA_MAX_DELIVERIES times; then it is dead-lettered with the error, or, from
+    a quorum queue (SAGA_QUEUE_TYPE=quorum), by the broker at its delivery limit.
     """
     consumer = _Consumer(queue_name, publisher, handler, settings, _Acks(channel), types)
     try:
