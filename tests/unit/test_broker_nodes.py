@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
 
-from messages.errors import ConfigurationError
+from messages.errors import ConfigurationError, NoNodeAnsweredError
 from messages.plumbing import amqp
 from messages.plumbing.client import Client
 from messages.plumbing.management import ManagementApi
 from messages.plumbing.settings import BrokerSettings, load, redact, split_amqp_urls
+from tests.integration.rabbit_node import free_port
 
 A = "amqp://saga:pw-a@rabbit-1:5672/orders"
 B = "amqp://saga:pw-b@rabbit-2:5673/orders"
@@ -114,3 +116,18 @@ def test_quorum_queues_dead_letter_after_max_deliveries_at_least_once() -> None:
     assert arguments["x-dead-letter-routing-key"] == "q"
     dlq = amqp.dead_letter_queue_arguments(BrokerSettings(queue_type="quorum"))
     assert dlq == {"x-queue-type": "quorum"}
+
+
+def test_a_round_tries_every_node_from_the_next_in_turn_and_names_each() -> None:
+    # Two ports nothing listens on: refused at once, no broker needed.
+    urls = [f"amqp://guest:secret@127.0.0.1:{free_port()}/" for _ in range(2)]
+    settings = BrokerSettings(amqp_url=",".join(urls), connect_timeout_s=5)
+    nodes = amqp.Nodes(settings.amqp_urls)
+
+    with pytest.raises(NoNodeAnsweredError) as error:
+        asyncio.run(nodes.open(settings, "test"))
+
+    message = str(error.value)
+    assert all(redact(url) in message for url in urls)
+    assert "secret" not in message
+    assert message.index(redact(urls[0])) < message.index(redact(urls[1]))
