@@ -25,7 +25,7 @@ QUORUM = {"SAGA_QUEUE_TYPE": "quorum"}
 
 
 def test_a_poison_message_is_dead_lettered_by_the_broker_after_max_deliveries(
-    amqp_url: str,
+    amqp_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = BrokerSettings(amqp_url=amqp_url, max_deliveries=3, queue_type="quorum")
     calls: list[int] = []
@@ -61,6 +61,9 @@ def test_a_poison_message_is_dead_lettered_by_the_broker_after_max_deliveries(
     assert props.headers["x-first-death-queue"] == topology.REQUESTS_QUEUE
     assert props.message_id == str(order.message_id)
     assert body == order.model_dump_json().encode()
+    # The service counted with the broker (x-delivery-count), and logged the error each time
+    assert "(delivery 3 of 3): the broker dead-letters it now" in caplog.text
+    assert caplog.text.count("the database is on fire") >= 3
 
 
 def test_every_queue_is_declared_quorum_with_at_least_once_dead_lettering(amqp_url: str) -> None:
