@@ -1,4 +1,5 @@
-"""The broker at the edge: connect with retries, reconnect, declare the topology.
+"""The broker at the edge: connect with retries (to any of several nodes), reconnect (to
+another node), declare the topology (classic or quorum queues).
 
 aio-pika connects, opens channels and declares; the hot path (publish with confirms,
 consume, ack, dead-letter) is messages.plumbing.delivery, re-exported here. Services hand this
