@@ -67,5 +67,12 @@ def test_a_saga_completes_after_the_services_node_stops(
         assert result["status"] == "COMPLETED"
         assert sent(result) == ["ReserveStock", "ChargePayment", "CompleteOrder"]
         assert stack.stock("item-1") == 8
+
+        # And the cluster, as scripts/cluster.py reads it, says so; node 1 comes back into it
+        status = PrivateCluster.load(cluster.base_dir).status()
+        assert [node["up"] for node in status["nodes"]] == [False, True, True]
+        assert len(status["cluster_status"]["running_nodes"]) == 2
+        cluster.start_node(1)
+        cluster.wait_running(3, timeout=60)
     finally:
         stack.stop_all()
