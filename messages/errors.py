@@ -65,5 +65,9 @@ class StoreUnavailableError(UnavailableError):
     """Raised when the saga store could not be written for longer than a lease lasts."""
 
 
+class NoNodeAnsweredError(SagaError):
+    """Raised when no node of SAGA_AMQP_URL answered one round of connection attempts."""
+
+
 class UnreadableSagaError(SagaError):
     """Raised when a stored saga cannot be read back (corrupt, or from an unknown version)."""

@@ -120,7 +120,7 @@ def _put(api: ManagementApi, path: str, body: dict[str, Any], patience_s: float 
 
 async def provision(settings: ProvisionSettings) -> list[str]:
     """Create the vhost, users and permissions, then declare the topology; say what was done."""
-    vhost = URL(settings.amqp_url).path[1:] or "/"
+    vhost = URL(settings.amqp_urls[0]).path[1:] or "/"  # the same in every node URL
     api = ManagementApi.for_amqp_url(settings.amqp_url, settings.management_url)
     admin = api.user
     where = quote(vhost, safe="")
@@ -136,7 +136,7 @@ async def provision(settings: ProvisionSettings) -> list[str]:
         done.append(f"user {users[role]}: configure {configure}  write {write}  read {read}")
     connection = await amqp.connect(settings, "provision")
     async with connection:
-        await amqp.declare_topology(await connection.channel(), declare=True)
+        await amqp.declare_topology(await connection.channel(), declare=True, settings=settings)
     done.append(f"topology declared on {redact(settings.amqp_url)}")
     return done
 

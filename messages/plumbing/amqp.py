@@ -1,4 +1,5 @@
-"""The broker at the edge: connect with retries, reconnect, declare the topology.
+"""The broker at the edge: connect with retries (to any of several nodes), reconnect (to
+another node), declare the topology (classic or quorum queues).
 
 aio-pika connects, opens channels and declares; the hot path (publish with confirms,
 consume, ack, dead-letter) is messages.plumbing.delivery, re-exported here. Services hand this
@@ -12,14 +13,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
+    AbstractQueue,
     ExchangeType,
 )
+from pamqp.common import FieldValue
 from yarl import URL
 
 from messages.contract import topology
@@ -28,6 +32,7 @@ from messages.errors import (
     AlreadyRunningError,
     BrokerUnavailableError,
     ConfigurationError,
+    NoNodeAnsweredError,
 )
 from messages.plumbing.delivery import BROKER_ERRORS as BROKER_ERRORS  # re-exported: the hot path
 from messages.plumbing.delivery import Delivery as Delivery
@@ -43,23 +48,40 @@ from messages.plumbing.settings import (
 log = logging.getLogger(__name__)
 
 
+# The settings of the connection this task made (connect, run_connected), for what it
+# declares on it: the queue type and delivery limit come with the broker settings.
+_CONNECTED_WITH: ContextVar[BrokerSettings | None] = ContextVar("connected_with", default=None)
+
+
 async def connect(settings: BrokerSettings, name: str) -> AbstractConnection:
-    """Connect to the broker, retrying with a clear log line until it answers.
+    """Connect to the broker, retrying with a clear log line until a node answers.
 
     For one-shot tools (provision, tests). Long-lived services use ``run_connected``, which
     also starts over when the connection is lost.
     """
+    _CONNECTED_WITH.set(settings)
+    nodes = Nodes(settings.amqp_urls)
     attempt = 0
     while True:
         attempt += 1
         try:
-            return await _open(settings, name)
+            return await nodes.open(settings, name)
         except _TRANSIENT as exc:
-            await _pause_before_retry(settings, attempt, str(exc) or type(exc).__name__)
+            await _pause_before_retry(settings, attempt, _why(exc))
 
 
 # What failing to reach the broker looks like: worth another try after a pause.
-_TRANSIENT = (TimeoutError, aiormq.exceptions.AMQPConnectionError, OSError, *BROKER_ERRORS)
+_TRANSIENT = (
+    TimeoutError,
+    aiormq.exceptions.AMQPConnectionError,
+    OSError,
+    NoNodeAnsweredError,
+    *BROKER_ERRORS,
+)
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 async def _pause_before_retry(settings: BrokerSettings, attempt: int, why: str) -> None:
@@ -73,25 +95,61 @@ async def _pause_before_retry(settings: BrokerSettings, attempt: int, why: str) 
     await asyncio.sleep(settings.connect_retry_s)
 
 
-async def _open(settings: BrokerSettings, name: str) -> AbstractConnection:
+class Nodes:
+    """The broker's node URLs (SAGA_AMQP_URL), tried round robin.
+
+    The first attempt starts with the first URL; once connected, the next attempt (after a
+    lost connection) starts with the node after the one that was lost, so a service whose
+    node went away moves to another at once instead of waiting for that one to come back.
+    """
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = urls
+        self.current: str | None = None
+        """The URL of the node of the last connection opened."""
+        self._next = 0
+
+    async def open(self, settings: BrokerSettings, name: str) -> AbstractConnection:
+        """One round: each node once, from the next in turn; the first that answers.
+
+        NoNodeAnsweredError (or, with one URL, its error) when none does.
+        """
+        failures = []
+        for _ in self.urls:
+            url = self.urls[self._next]
+            self._next = (self._next + 1) % len(self.urls)
+            try:
+                connection = await _open(settings, name, url)
+            except _TRANSIENT as exc:
+                if len(self.urls) == 1:
+                    raise
+                log.warning("RabbitMQ node %s does not answer: %s", redact(url), _why(exc))
+                failures.append(f"{redact(url)}: {_why(exc)}")
+                continue
+            if len(self.urls) > 1:
+                log.info("connected to RabbitMQ node %s", redact(url))
+            self.current = url
+            return connection
+        raise NoNodeAnsweredError("no node answered: " + "; ".join(failures))
+
+
+async def _open(settings: BrokerSettings, name: str, url: str) -> AbstractConnection:
     """One bounded attempt at a connection; login and vhost refusals are ConfigurationErrors."""
     try:
         return await asyncio.wait_for(
             aio_pika.connect(
-                settings.amqp_url,
+                url,
                 client_properties={"connection_name": name},
-                ssl_context=tls_context(settings.amqp_url, settings.ca_file),
+                ssl_context=tls_context(url, settings.ca_file),
             ),
             settings.connect_timeout_s,
         )
     except aiormq.exceptions.ProbableAuthenticationError as exc:
-        raise ConfigurationError(
-            f"RabbitMQ at {redact(settings.amqp_url)} refused the login: {exc}"
-        ) from exc
+        raise ConfigurationError(f"RabbitMQ at {redact(url)} refused the login: {exc}") from exc
     except aiormq.exceptions.InvalidFrameError as exc:
         # The broker closes a connection to a vhost it does not have, or we may not use.
         raise ConfigurationError(
-            f"RabbitMQ at {redact(settings.amqp_url)} refused the connection: does the vhost "
+            f"RabbitMQ at {redact(url)} refused the connection: does the vhost "
             "exist, and may this user use it?"
         ) from exc
 
@@ -169,6 +227,8 @@ async def run_connected(
     so the process exits and its supervisor restarts it, instead of hanging while it looks
     alive.
     """
+    _CONNECTED_WITH.set(settings)  # before setup's task is made: it inherits the context
+    nodes = Nodes(settings.amqp_urls)
     down_since = time.monotonic()
     ever_up = False
     attempt = 0
@@ -176,7 +236,7 @@ async def run_connected(
         attempt += 1
         session: Session | None = None
         try:
-            session = Session(await _open(settings, name))
+            session = Session(await nodes.open(settings, name))
             await asyncio.wait_for(setup(session), settings.connect_timeout_s)
         except aiormq.exceptions.ChannelAccessRefused as exc:
             await _close(session)
@@ -189,7 +249,7 @@ async def run_connected(
             if isinstance(exc, AlreadyRunningError) and not ever_up:
                 raise  # at start: another instance really is there
             # After a reconnect the broker may not have noticed our old connection is gone.
-            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            why = _why(exc)
             await _close(session)
             health.down(f"cannot reach RabbitMQ: {why}")
             _give_up_after(settings, down_since, why)
@@ -238,7 +298,7 @@ def _give_up_after(settings: BrokerSettings, down_since: float, why: str) -> Non
 
 def amqp_user(settings: BrokerSettings) -> str:
     """The login of the broker URL: what RabbitMQ checks a message's user_id against."""
-    return URL(settings.amqp_url).user or "guest"
+    return URL(settings.amqp_urls[0]).user or "guest"  # the same in every node URL
 
 
 async def _close(session: Session | None) -> None:
@@ -250,8 +310,47 @@ async def _close(session: Session | None) -> None:
         log.debug("closing a lost connection: %r", exc)
 
 
-async def declare_topology(channel: AbstractChannel, declare: bool = True) -> None:
+def queue_arguments(settings: BrokerSettings | None, queue_name: str) -> dict[str, FieldValue]:
+    """The arguments ``queue_name`` (a consumed queue) is declared with, for the queue type.
+
+    Both types send rejections the broker dead-letters to the queue's DLQ. A quorum queue
+    also counts deliveries itself: one whose handling failed SAGA_MAX_DELIVERIES times is
+    dead-lettered by the broker (reason ``delivery_limit`` in its x-death header), at least
+    once (the broker keeps it until the DLQ confirms it, which needs reject-publish overflow).
+    """
+    arguments: dict[str, FieldValue] = {
+        "x-dead-letter-exchange": topology.DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-routing-key": queue_name,
+    }
+    if settings is not None and settings.queue_type == "quorum":
+        arguments.update(
+            {
+                "x-queue-type": "quorum",
+                # Dead-lettered once it has been returned more times than this: after
+                # max_deliveries deliveries.
+                "x-delivery-limit": settings.max_deliveries - 1,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            }
+        )
+    return arguments
+
+
+def dead_letter_queue_arguments(settings: BrokerSettings | None) -> dict[str, FieldValue] | None:
+    """The arguments of a DLQ: of the same type as its queue, and dead-lettering nowhere."""
+    if settings is not None and settings.queue_type == "quorum":
+        return {"x-queue-type": "quorum"}
+    return None
+
+
+async def declare_topology(
+    channel: AbstractChannel, declare: bool = True, settings: BrokerSettings | None = None
+) -> None:
     """Declare every exchange and queue (idempotent: same arguments every time).
+
+    The queues are of SAGA_QUEUE_TYPE: ``settings``' if given, else those this task
+    connected with (``connect``, ``run_connected``). A queue that exists with other
+    arguments (another type, say) is a ConfigurationError saying what to do.
 
     With ``declare`` off, only check that they exist: passive declarations need no
     permissions, so a least-privileged service can start once `saga provision` has run.
@@ -259,6 +358,7 @@ async def declare_topology(channel: AbstractChannel, declare: bool = True) -> No
     if not declare:
         await _existing_topology(channel)
         return
+    settings = settings or _CONNECTED_WITH.get()
     direct, topic = ExchangeType.DIRECT, ExchangeType.TOPIC
     for name in (topology.REQUESTS_EXCHANGE, topology.COMMANDS_EXCHANGE, topology.REPLIES_EXCHANGE):
         await channel.declare_exchange(name, direct, durable=True)
@@ -266,18 +366,43 @@ async def declare_topology(channel: AbstractChannel, declare: bool = True) -> No
     dead = await channel.declare_exchange(topology.DEAD_LETTER_EXCHANGE, direct, durable=True)
     for queue_name, exchange_name, routing_key in topology.consumed_queues():
         dlq_name = topology.dead_letter_queue(queue_name)
-        dlq = await channel.declare_queue(dlq_name, durable=True)
-        await dlq.bind(dead, routing_key=queue_name)
-        queue = await channel.declare_queue(
-            queue_name,
-            durable=True,
-            arguments={
-                # Rejections the broker dead-letters itself land in the same DLQ.
-                "x-dead-letter-exchange": topology.DEAD_LETTER_EXCHANGE,
-                "x-dead-letter-routing-key": queue_name,
-            },
+        dlq = await _declare_queue(
+            channel, dlq_name, dead_letter_queue_arguments(settings), settings
         )
+        await dlq.bind(dead, routing_key=queue_name)
+        arguments = queue_arguments(settings, queue_name)
+        queue = await _declare_queue(channel, queue_name, arguments, settings)
         await queue.bind(exchange_name, routing_key=routing_key)
+
+
+async def _declare_queue(
+    channel: AbstractChannel,
+    name: str,
+    arguments: dict[str, FieldValue] | None,
+    settings: BrokerSettings | None,
+) -> AbstractQueue:
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise _queue_mismatch(name, settings, exc) from exc
+
+
+def _queue_mismatch(
+    name: str, settings: BrokerSettings | None, exc: Exception
+) -> ConfigurationError:
+    """What to do when the broker has ``name`` with other arguments than we declare."""
+    queue_type = settings.queue_type if settings else "classic"
+    other = "classic" if queue_type == "quorum" else "quorum"
+    wanted = f"SAGA_QUEUE_TYPE={queue_type}"
+    if queue_type == "quorum":
+        wanted += f" (and SAGA_MAX_DELIVERIES={settings.max_deliveries if settings else '?'})"
+    return ConfigurationError(
+        f"queue {name} exists on the broker with other arguments than {wanted} asks for: "
+        f"{exc.args[0] if exc.args else exc}. A queue's type and arguments cannot change: "
+        f"keep the settings it was declared with (SAGA_QUEUE_TYPE={other}, if that is its "
+        "type), or move its messages elsewhere, delete the queue and start the services again "
+        "so that they declare it anew"
+    )
 
 
 async def _existing_topology(channel: AbstractChannel) -> None:

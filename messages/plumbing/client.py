@@ -19,9 +19,18 @@ from messages.contract.codec import decode, encode
 from messages.contract.models import Envelope
 from messages.errors import ConfigurationError, DecodeError, SagaError
 from messages.plumbing import tracing
-from messages.plumbing.settings import check_amqp_url, redact, tls_context
+from messages.plumbing.settings import redact, split_amqp_urls, tls_context
 
 _NOT_RUNNING = "is the orchestrator running? It declares the saga queues at start."
+
+
+def _parameters(url: str, ca_file: Path | None) -> pika.URLParameters:
+    """pika's parameters for one node URL, verifying the broker for amqps://."""
+    parameters = pika.URLParameters(url)
+    context = tls_context(url, ca_file)
+    if context is not None:
+        parameters.ssl_options = pika.SSLOptions(context, URL(url).host)
+    return parameters
 
 
 class Client:
@@ -30,15 +39,16 @@ class Client:
     def __init__(
         self, url: str, *, watch_events: bool = False, ca_file: Path | None = None
     ) -> None:
-        """Connect; with ``watch_events`` the reply queue also gets every SagaFinished."""
+        """Connect; with ``watch_events`` the reply queue also gets every SagaFinished.
+
+        ``url`` may list several nodes' URLs, separated by commas: the first that answers
+        is used.
+        """
         try:
-            check_amqp_url(url)
+            urls = split_amqp_urls(url)
         except ValueError as exc:
             raise ConfigurationError(f"bad RabbitMQ URL {redact(url)!r}: {exc}") from None
-        parameters = pika.URLParameters(url)
-        context = tls_context(url, ca_file)
-        if context is not None:
-            parameters.ssl_options = pika.SSLOptions(context, URL(url).host)
+        parameters = [_parameters(node, ca_file) for node in urls]
         try:
             self._connection = pika.BlockingConnection(parameters)
         except (pika.exceptions.AMQPError, OSError, ValueError, IndexError) as exc:

@@ -30,6 +30,8 @@ from messages.plumbing.settings import BrokerSettings
 log = logging.getLogger(__name__)
 
 PERSISTENT = 2  # delivery_mode: written to disk by the broker
+# Set by a quorum queue on a redelivery: how many times the message was returned before.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
 
 # What a lost connection or channel looks like from aio-pika: the broker's trouble, not ours.
 BROKER_ERRORS = (
@@ -163,7 +165,8 @@ async def consume(
     consumer's alone (acks are sent several at a time). A message that does not decode, or
     that the handler rejects, goes to the DLQ with the reason and is logged once; the
     consumer keeps going. A handler that raises gets the message again (requeued after a
-    pause) up to SAGA_MAX_DELIVERIES times; then it is dead-lettered with the error.
+    pause) up to SAGA_MAX_DELIVERIES times; then it is dead-lettered with the error, or, from
+    a quorum queue (SAGA_QUEUE_TYPE=quorum), by the broker at its delivery limit.
     """
     consumer = _Consumer(queue_name, publisher, handler, settings, _Acks(channel), types)
     try:
@@ -174,6 +177,10 @@ async def consume(
             f"another consumer holds {queue_name} exclusively on this vhost ({exc}): "
             "is another instance running against the same RabbitMQ vhost?"
         ) from exc
+
+
+# The frames _Acks sends: ack one, ack up to and including, requeue, requeue as failed.
+_ACK, _ACK_MULTIPLE, _NACK, _REJECT = range(4)
 
 
 class _Acks:
@@ -196,7 +203,7 @@ class _Acks:
         self._settled: dict[int, str] = {}  # tag -> "ack" (to send), "sent" or "nack"
         self._fresh: list[int] = []  # acked since the last flush
         self._flushing = False
-        self._frames: deque[tuple[int, bool, bool]] = deque()  # (tag, ack?, multiple?)
+        self._frames: deque[tuple[int, int]] = deque()  # (tag, one of the frame kinds)
         self._sender: asyncio.Task[None] | None = None
 
     def received(self, tag: int) -> None:
@@ -212,7 +219,16 @@ class _Acks:
     def nack(self, tag: int) -> None:
         """Requeue ``tag``."""
         self._settled[tag] = "nack"
-        self._send(tag, ack=False, multiple=False)
+        self._send(tag, _NACK)
+
+    def reject(self, tag: int) -> None:
+        """Requeue ``tag`` as a failed delivery (basic.reject).
+
+        A quorum queue counts it toward its delivery limit; RabbitMQ 4.3 and later no longer
+        count a basic.nack, which says "not now" rather than "this one failed".
+        """
+        self._settled[tag] = "nack"
+        self._send(tag, _REJECT)
 
     def _flush(self) -> None:
         self._flushing = False
@@ -222,25 +238,28 @@ class _Acks:
             if self._settled.pop(tag) == "ack":
                 head = tag
         if head is not None:
-            self._send(head, ack=True, multiple=True)
+            self._send(head, _ACK_MULTIPLE)
         for tag in self._fresh:
             if self._settled.get(tag) == "ack":  # behind one still in hand: on its own
                 self._settled[tag] = "sent"
-                self._send(tag, ack=True, multiple=False)
+                self._send(tag, _ACK)
         self._fresh.clear()
 
-    def _send(self, tag: int, *, ack: bool, multiple: bool) -> None:
-        self._frames.append((tag, ack, multiple))
+    def _send(self, tag: int, kind: int) -> None:
+        self._frames.append((tag, kind))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_in_order())
 
     async def _send_in_order(self) -> None:
         while self._frames:
-            tag, ack, multiple = self._frames.popleft()
-            if ack:
+            tag, kind = self._frames.popleft()
+            if kind <= _ACK_MULTIPLE:
+                multiple = kind == _ACK_MULTIPLE
                 await _settle(self.channel.basic_ack(tag, multiple=multiple, wait=False))
-            else:
+            elif kind == _NACK:
                 await _settle(self.channel.basic_nack(tag, requeue=True, wait=False))
+            else:
+                await _settle(self.channel.basic_reject(tag, requeue=True, wait=False))
 
 
 class _Consumer:
@@ -297,6 +316,9 @@ class _Consumer:
 
     async def _failed(self, delivery: Delivery, exc: Exception) -> None:
         """Requeue a delivery whose handler raised, or give up on it after max_deliveries."""
+        if self.settings.queue_type == "quorum":
+            await self._return_to_quorum_queue(delivery)
+            return
         key = delivery.message_id or str(delivery.tag)
         deliveries = self._failures.pop(key, 0) + 1
         if deliveries >= self.settings.max_deliveries:
@@ -316,6 +338,28 @@ class _Consumer:
         # the pause keeps a poison message from spinning while it uses up its deliveries.
         await asyncio.sleep(min(0.05 * 2**deliveries, 2.0))
         self.acks.nack(delivery.tag)
+
+    async def _return_to_quorum_queue(self, delivery: Delivery) -> None:
+        """Requeue as failed: the quorum queue counts it, and dead-letters it past its limit.
+
+        The count is the broker's, so it survives a restart of this consumer and is shared
+        by every replica consuming the queue.
+        """
+        returned = delivery.properties.headers and delivery.properties.headers.get(
+            DELIVERY_COUNT_HEADER
+        )
+        deliveries = (returned if isinstance(returned, int) else 0) + 1
+        last = deliveries >= self.settings.max_deliveries
+        log.exception(
+            "error handling %s (delivery %d of %d): %s",
+            delivery.message_id or f"delivery {delivery.tag}",
+            deliveries,
+            self.settings.max_deliveries,
+            "the broker dead-letters it now" if last else "will retry",
+        )
+        # The same pause as for a classic queue: a poison message does not spin.
+        await asyncio.sleep(0 if last else min(0.05 * 2**deliveries, 2.0))
+        self.acks.reject(delivery.tag)
 
     async def _dead_letter(
         self,

@@ -12,7 +12,7 @@ from urllib.parse import quote, unquote
 from yarl import URL
 
 from messages.errors import ConfigurationError
-from messages.plumbing.settings import redact
+from messages.plumbing.settings import first_amqp_url, redact
 
 
 class ManagementApi:
@@ -26,8 +26,11 @@ class ManagementApi:
 
     @classmethod
     def for_amqp_url(cls, amqp_url: str, base_url: str | None = None) -> ManagementApi:
-        """With the AMQP URL's credentials; by default on port 15672 of the broker's host."""
-        url = URL(amqp_url)
+        """With the AMQP URL's credentials; by default on port 15672 of the broker's host.
+
+        Of a list of node URLs, the first: a cluster's nodes share users and vhosts.
+        """
+        url = URL(first_amqp_url(amqp_url))
         return cls(
             base_url or f"http://{url.host}:15672",
             unquote(url.user or "guest"),

@@ -41,8 +41,51 @@ def check_amqp_url(url: str) -> str:
     return url
 
 
+def split_amqp_urls(value: str) -> list[str]:
+    """The node URLs of a SAGA_AMQP_URL: one URL, or several separated by commas.
+
+    Each must name a RabbitMQ host (see ``check_amqp_url``), and all must log in as the same
+    user to the same vhost: a cluster shares its users and vhosts, and a service's identity
+    (the ``user_id`` its replies carry) must not change with the node it reaches. Hosts,
+    ports, schemes and passwords may differ. A ValueError names the bad entry.
+    """
+    urls = [part.strip() for part in value.split(",")]
+    several = len(urls) > 1
+    for number, url in enumerate(urls, 1):
+        where = f"entry {number} ({redact(url)!r})" if several else ""
+        if not url and several:
+            raise ValueError(f"entry {number} is empty: separate node URLs with single commas")
+        try:
+            check_amqp_url(url)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}" if several else str(exc)) from None
+        if number > 1 and _identity(url) != _identity(urls[0]):
+            user, vhost = _identity(urls[0])
+            raise ValueError(
+                f"{where}: every node URL must log in as the same user to the same vhost "
+                f"(entry 1: user {user!r}, vhost {vhost!r})"
+            )
+    return urls
+
+
+def _identity(url: str) -> tuple[str, str]:
+    """(user, vhost) of a node URL, with RabbitMQ's defaults for what it leaves out."""
+    parsed = URL(url)
+    return parsed.user or "guest", parsed.path[1:] or "/"
+
+
+def first_amqp_url(value: str) -> str:
+    """The first node URL of a SAGA_AMQP_URL (for what needs one: the management API, say)."""
+    return value.split(",", 1)[0].strip()
+
+
 def redact(url: str) -> str:
-    """The URL with its password hidden, fit for a log line or an error message."""
+    """The URL with its password hidden, fit for a log line or an error message.
+
+    A comma-separated list of node URLs comes back with every password hidden.
+    """
+    if "," in url:
+        return ",".join(redact(part.strip()) for part in url.split(","))
     try:
         parsed = URL(url)
         return str(parsed.with_password("***")) if parsed.password else url
@@ -97,7 +140,13 @@ class BrokerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SAGA_", extra="ignore")
 
     amqp_url: str = Field(
-        default="amqp://guest:guest@localhost:5672/", description="RabbitMQ URL (vhost included)"
+        default="amqp://guest:guest@localhost:5672/",
+        description="RabbitMQ URL (vhost included), or several nodes' URLs separated by commas",
+    )
+    queue_type: Literal["classic", "quorum"] = Field(
+        default="classic",
+        description="Type of every queue the services declare: classic, or quorum (replicated; "
+        "the broker counts deliveries and dead-letters)",
     )
     prefetch: int = Field(default=64, ge=1, le=65535, description="Unacked deliveries per consumer")
     max_message_bytes: int = Field(
@@ -139,12 +188,23 @@ class BrokerSettings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: str) -> str:
-        return check_amqp_url(value)
+        split_amqp_urls(value)
+        return value
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """The node URLs of amqp_url, in the order given: services try them in turn."""
+        return split_amqp_urls(self.amqp_url)
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("queue_type", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="Serve Prometheus metrics on this port; 0: off"

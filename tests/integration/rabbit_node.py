@@ -89,8 +89,9 @@ class NodeState:
 class PrivateNode:
     """One private RabbitMQ node: start, stop_app/start_app, restart, stop."""
 
-    def __init__(self, state: NodeState) -> None:
+    def __init__(self, state: NodeState, cookie: str | None = None) -> None:
         self.state = state
+        self._cookie = cookie  # for the first start; later ones read it from the directory
         self._process: subprocess.Popen[bytes] | None = None
         self.startup_s: float | None = None
         """Seconds the last start() or start_app() took until AMQP answered."""
@@ -104,8 +105,13 @@ class PrivateNode:
         management: bool = False,
         name: str | None = None,
         parent_dir: str | os.PathLike[str] | None = None,
+        cookie: str | None = None,
     ) -> PrivateNode:
-        """A node with fresh free ports and a new temp directory; not started yet."""
+        """A node with fresh free ports and a new temp directory; not started yet.
+
+        Nodes that are to form a cluster need the same Erlang ``cookie``; by default each
+        node gets one of its own.
+        """
         suffix = secrets.token_hex(3)
         base = tempfile.mkdtemp(prefix=f"saga-node-{suffix}-", dir=parent_dir)
         ports: set[int] = set()
@@ -119,7 +125,7 @@ class PrivateNode:
             dist_port=dist_port,
             management_port=rest[0] if rest else None,
         )
-        return cls(state)
+        return cls(state, cookie)
 
     @classmethod
     def load(cls, base_dir: str | os.PathLike[str]) -> PrivateNode:
@@ -307,7 +313,7 @@ class PrivateNode:
         (base / "advanced.config").write_text("[].\n")
         (base / "enabled_plugins").write_text(plugins + "\n")
         cookie = base / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(20).upper())
+        cookie.write_text(self._cookie or secrets.token_hex(20).upper())
         owner = self._server_owner()
         for path in [base, *base.rglob("*")]:
             if owner is not None:

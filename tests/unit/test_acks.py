@@ -33,6 +33,9 @@ class SlowChannel:
     ) -> None:
         await self._arrive(("nack", tag, multiple))
 
+    async def basic_reject(self, tag: int, requeue: bool = True, wait: bool = True) -> None:
+        await self._arrive(("reject", tag, False))
+
 
 def run(script: Any) -> list[tuple[str, int, bool]]:
     channel = SlowChannel()
@@ -83,3 +86,15 @@ def test_one_settled_behind_a_delivery_in_hand_is_acked_alone_and_never_again() 
 
     frames = run(script)
     assert frames == [("ack", 2, False), ("ack", 3, True)]
+
+
+def test_a_failed_delivery_is_rejected_in_order_and_later_acks_pass_it() -> None:
+    # A quorum queue counts a basic.reject toward its delivery limit (4.3+: not a nack).
+    def script(acks: _Acks) -> None:
+        for tag in (1, 2, 3):
+            acks.received(tag)
+        acks.reject(1)
+        acks.ack(2)
+        acks.ack(3)
+
+    assert run(script) == [("reject", 1, False), ("ack", 3, True)]

@@ -474,6 +474,13 @@ def test_each_service_logs_in_as_its_own_provisioned_user() -> None:
     assert urlsplit(provision["SAGA_AMQP_URL"]).username == broker_user
 
 
+def test_every_process_declares_and_consumes_quorum_queues() -> None:
+    # compose runs RabbitMQ 4: quorum queues. provision declares them and the services consume
+    # them; a service that thought them classic would count poison deliveries itself.
+    for name in PYTHON_SERVICES:
+        assert environment_of(SERVICES[name]).get("SAGA_QUEUE_TYPE") == "quorum", name
+
+
 def test_interpolation_resolves_defaults() -> None:
     assert interpolate("amqp://u:${PW:-secret}@h/") == "amqp://u:secret@h/"
     assert interpolate("${UNSET}") == ""
