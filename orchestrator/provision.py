@@ -136,7 +136,7 @@ async def provision(settings: ProvisionSettings) -> list[str]:
         done.append(f"user {users[role]}: configure {configure}  write {write}  read {read}")
     connection = await amqp.connect(settings, "provision")
     async with connection:
-        await amqp.declare_topology(await connection.channel(), declare=True, settings=settings)
+        await amqp.declare_topology(await connection.channel(), settings, declare=True)
     done.append(f"topology declared on {redact(settings.amqp_url)}")
     return done
 

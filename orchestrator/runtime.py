@@ -199,7 +199,7 @@ class Orchestrator:
     async def _setup(self, session: amqp.Session) -> None:
         """On each new connection: declare, consume (exclusively), and let the relay publish."""
         publish_channel = await session.channel(confirms=True)
-        await amqp.declare_topology(publish_channel, self.settings.declare_topology)
+        await amqp.declare_topology(publish_channel, self.settings)
         publisher = self._publisher = await amqp.Publisher.on(publish_channel)
         for queue, handler in (
             (topology.REQUESTS_QUEUE, self.on_request),

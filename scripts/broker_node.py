@@ -11,7 +11,7 @@ The node is named by --node-dir, else $SAGA_BROKER_NODE_DIR, else the last one `
 (remembered in $TMPDIR/saga-broker-node.last). For the chaos soak:
     --broker-restart-cmd "python scripts/broker_node.py restart --down 2"
 
-Never touches the shared node (rabbit@localhost, 5672): see tests/integration/rabbit_node.py.
+Never touches the shared node (rabbit@localhost, 5672): see scripts/harness/rabbit_node.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.integration.rabbit_node import NodeError, PrivateNode
+from scripts.harness.rabbit_node import NodeError, PrivateNode
 
 LAST = Path(tempfile.gettempdir()) / "saga-broker-node.last"
 

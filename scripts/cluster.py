@@ -12,7 +12,7 @@ The cluster is named by --cluster-dir, else $SAGA_CLUSTER_DIR, else the last one
 
     export SAGA_AMQP_URL=<the amqp_url start printed> SAGA_QUEUE_TYPE=quorum
 
-Never touches the shared node (rabbit@localhost, 5672): see tests/integration/rabbit_cluster.py.
+Never touches the shared node (rabbit@localhost, 5672): see scripts/harness/rabbit_cluster.py.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.integration.rabbit_cluster import PrivateCluster
-from tests.integration.rabbit_node import NodeError
+from scripts.harness.rabbit_cluster import PrivateCluster
+from scripts.harness.rabbit_node import NodeError
 
 LAST = Path(tempfile.gettempdir()) / "saga-cluster.last"
 

@@ -259,7 +259,7 @@ async def serve(
 
     async def setup(session: amqp.Session) -> None:
         publish_channel = await session.channel(confirms=True)
-        await amqp.declare_topology(publish_channel, settings.declare_topology, settings)
+        await amqp.declare_topology(publish_channel, settings)
         publisher = await amqp.Publisher.on(publish_channel)
         for participant in participants:
             group = groups[participant.name]

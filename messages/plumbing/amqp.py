@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 
 import aio_pika
 import aiormq
@@ -50,7 +49,6 @@ log = logging.getLogger(__name__)
 
 # The settings of the connection this task made (connect, run_connected), for what it
 # declares on it: the queue type and delivery limit come with the broker settings.
-_CONNECTED_WITH: ContextVar[BrokerSettings | None] = ContextVar("connected_with", default=None)
 
 
 async def connect(settings: BrokerSettings, name: str) -> AbstractConnection:
@@ -59,7 +57,6 @@ async def connect(settings: BrokerSettings, name: str) -> AbstractConnection:
     For one-shot tools (provision, tests). Long-lived services use ``run_connected``, which
     also starts over when the connection is lost.
     """
-    _CONNECTED_WITH.set(settings)
     nodes = Nodes(settings.amqp_urls)
     attempt = 0
     while True:
@@ -227,7 +224,6 @@ async def run_connected(
     so the process exits and its supervisor restarts it, instead of hanging while it looks
     alive.
     """
-    _CONNECTED_WITH.set(settings)  # before setup's task is made: it inherits the context
     nodes = Nodes(settings.amqp_urls)
     down_since = time.monotonic()
     ever_up = False
@@ -344,21 +340,20 @@ def dead_letter_queue_arguments(settings: BrokerSettings | None) -> dict[str, Fi
 
 
 async def declare_topology(
-    channel: AbstractChannel, declare: bool = True, settings: BrokerSettings | None = None
+    channel: AbstractChannel, settings: BrokerSettings, *, declare: bool | None = None
 ) -> None:
     """Declare every exchange and queue (idempotent: same arguments every time).
 
-    The queues are of SAGA_QUEUE_TYPE: ``settings``' if given, else those this task
-    connected with (``connect``, ``run_connected``). A queue that exists with other
+    The queues are of the settings' SAGA_QUEUE_TYPE. A queue that exists with other
     arguments (another type, say) is a ConfigurationError saying what to do.
 
-    With ``declare`` off, only check that they exist: passive declarations need no
-    permissions, so a least-privileged service can start once `saga provision` has run.
+    With ``declare`` off (SAGA_DECLARE_TOPOLOGY by default), only check that they exist:
+    passive declarations need no permissions, so a least-privileged service can start once
+    `saga provision` has run.
     """
-    if not declare:
+    if not (settings.declare_topology if declare is None else declare):
         await _existing_topology(channel)
         return
-    settings = settings or _CONNECTED_WITH.get()
     direct, topic = ExchangeType.DIRECT, ExchangeType.TOPIC
     for name in (topology.REQUESTS_EXCHANGE, topology.COMMANDS_EXCHANGE, topology.REPLIES_EXCHANGE):
         await channel.declare_exchange(name, direct, durable=True)

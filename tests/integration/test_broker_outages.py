@@ -1,6 +1,6 @@
 """The broker itself goes away: restarted again and again under load, or down for a while.
 
-These run on a private RabbitMQ node (tests/integration/rabbit_node.py), never the shared one,
+These run on a private RabbitMQ node (scripts/harness/rabbit_node.py), never the shared one,
 so the node can be stopped for real. Every service must come back consuming every queue it
 owns, by itself, and no saga may be compensated for a time-out that was the broker's.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from messages.contract import topology
-from tests.integration.rabbit_node import PrivateNode
+from scripts.harness.rabbit_node import PrivateNode
 from tests.integration.stack import ROOT, Stack
 from tests.integration.test_saga_flows import ORDER
 

@@ -1,6 +1,6 @@
 """A 3-node RabbitMQ cluster with quorum queues: the node the services use goes away.
 
-The nodes are private (tests/integration/rabbit_cluster.py), never the shared broker, so one
+The nodes are private (scripts/harness/rabbit_cluster.py), never the shared broker, so one
 can be stopped for real. The services are given every node's URL; they connect to the
 first, and when it stops they move to another node and the sagas go on.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.rabbit_cluster import PrivateCluster
+from scripts.harness.rabbit_cluster import PrivateCluster
 from tests.integration.stack import Stack
 from tests.integration.test_saga_flows import ORDER, sent
 

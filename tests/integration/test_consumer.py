@@ -33,7 +33,7 @@ async def consume_requests(
 ) -> None:
     """Declare the topology and consume the requests queue with ``handler``."""
     channel = await connection.channel(publisher_confirms=True)
-    await amqp.declare_topology(channel)
+    await amqp.declare_topology(channel, settings)
     publisher = await amqp.Publisher.on(channel)
     consuming = await (await connection.channel()).get_underlay_channel()
     await amqp.consume(consuming, topology.REQUESTS_QUEUE, publisher, handler, settings)

@@ -72,7 +72,7 @@ def test_every_queue_is_declared_quorum_with_at_least_once_dead_lettering(amqp_u
     async def run() -> None:
         connection = await amqp.connect(settings, "test")
         async with connection:
-            await amqp.declare_topology(await connection.channel())
+            await amqp.declare_topology(await connection.channel(), settings)
 
     asyncio.run(run())
 
@@ -99,7 +99,7 @@ def test_quorum_on_classic_queues_is_refused_with_what_to_do(amqp_url: str) -> N
     async def declare(settings: BrokerSettings) -> None:
         connection = await amqp.connect(settings, "test")
         async with connection:
-            await amqp.declare_topology(await connection.channel(), settings=settings)
+            await amqp.declare_topology(await connection.channel(), settings)
 
     asyncio.run(declare(classic))
 
@@ -115,7 +115,7 @@ def test_a_service_started_on_the_wrong_queue_type_exits_saying_so(stack: Stack)
     stack.worker("all", "--stock", "item-1=10")  # declares classic queues
     stack.stop_all()
     service = stack.start("orchestrator", "orchestrator", "run", ready=None, **QUORUM)
-    assert service.process.wait(30) != 0
+    assert service.wait(30) != 0
     assert "SAGA_QUEUE_TYPE=classic" in service.output(), service.output()
 
 

@@ -33,6 +33,7 @@ from messages.contract.models import (
     SagaStatus,
 )
 from messages.plumbing import amqp
+from messages.plumbing.settings import BrokerSettings
 from orchestrator.definition import Call, RetryPolicy, SagaDefinition, Step, StepKind, pick
 from orchestrator.runtime import Orchestrator, definition_from
 from orchestrator.settings import OrchestratorSettings
@@ -219,7 +220,7 @@ async def request_refund(
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        await amqp.declare_topology(channel)
+        await amqp.declare_topology(channel, BrokerSettings(amqp_url=amqp_url))
         answers = await channel.declare_queue(exclusive=True)
         publisher = await amqp.Publisher.on(channel)
         await publisher.publish(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.integration.rabbit_cluster import SHARED_PORTS, PrivateCluster
+from scripts.harness.rabbit_cluster import SHARED_PORTS, PrivateCluster
 
 
 def test_three_nodes_with_their_own_names_ports_and_directories(tmp_path: Path) -> None:

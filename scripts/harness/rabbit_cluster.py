@@ -1,6 +1,6 @@
 """A private RabbitMQ cluster: several PrivateNodes beside the shared node, joined as one.
 
-Each node is a :class:`~tests.integration.rabbit_node.PrivateNode` (own node name, ports,
+Each node is a :class:`~scripts.harness.rabbit_node.PrivateNode` (own node name, ports,
 config and data directory, owned by the ``rabbitmq`` user when run as root), all under one
 temp directory and sharing one Erlang cookie; the second and later nodes join the first
 (``stop_app``, ``join_cluster``, ``start_app``). The shared node (``rabbit@localhost``,
@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.integration.rabbit_node import NodeError, PrivateNode
+from scripts.harness.rabbit_node import NodeError, PrivateNode
 
 CLUSTER_FILE = "cluster.json"
 # What the machine's shared node uses: AMQP, management, distribution (AMQP + 20000).
