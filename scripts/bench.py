@@ -51,6 +51,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="start the orchestrator and the three participants as separate processes",
     )
+    parser.add_argument(
+        "--postgres-url",
+        help="--start-stack: keep the orchestrators' store and the participants in PostgreSQL "
+        "(a database the bench makes on this server and drops afterwards), not SQLite",
+    )
+    parser.add_argument(
+        "--orchestrators",
+        type=int,
+        default=1,
+        help="--start-stack: orchestrator processes (more than 1 needs --postgres-url)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="--start-stack: processes of each participant (more than 1 needs --postgres-url)",
+    )
     parser.add_argument("--count", type=int, default=1000, help="closed loop: sagas to measure")
     parser.add_argument(
         "--concurrency", type=int, default=16, help="closed loop: sagas in flight at once"
@@ -155,6 +172,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         problems.append("--stock cannot be negative")
     if args.breakdown_count < 1:
         problems.append("--breakdown-count must be at least 1")
+    if args.orchestrators < 1 or args.replicas < 1:
+        problems.append("--orchestrators and --replicas must be at least 1")
+    elif (args.orchestrators > 1 or args.replicas > 1) and not args.postgres_url:
+        problems.append(
+            "several orchestrators or replicas share their state in PostgreSQL: give --postgres-url"
+        )
     if problems:
         parser.error("; ".join(problems))
     return args
@@ -178,7 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     stack = (
-        BenchStack(url, args.sku, args.stock, args.data_dir, args.keep_data)
+        BenchStack(
+            url,
+            args.sku,
+            args.stock,
+            args.data_dir,
+            args.keep_data,
+            args.orchestrators,
+            args.replicas,
+            args.postgres_url,
+        )
         if args.start_stack
         else None
     )

@@ -22,7 +22,6 @@ REPLY_EVENTS = {
 }
 OK_AMOUNT = Money(amount=Decimal("25.00"))
 DECLINED_AMOUNT = Money(amount=Decimal("5000.00"))  # over the default credit limit of 1000.00
-SERVICES = ("orchestrator", "inventory", "payment", "order")
 SERVICE_QUEUES = {
     "orchestrator": topology.REQUESTS_QUEUE,
     **{p: topology.command_queue(p) for p in topology.PARTICIPANTS},

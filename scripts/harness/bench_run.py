@@ -37,7 +37,7 @@ from scripts.harness.bench_raw import (
 from scripts.harness.bench_report import (
     summarise,
 )
-from scripts.harness.bench_stack import BenchStack
+from scripts.harness.bench_stack import BenchStack, role
 from scripts.harness.measure import (
     Watch,
     cpu_seconds,
@@ -86,10 +86,12 @@ async def wait_ready(connection: AbstractConnection, stack: BenchStack) -> float
     started = time.perf_counter()
     deadline = started + READY_TIMEOUT_S
     waiting = dict(SERVICE_QUEUES)
+    # Every replica consumes: several orchestrators share the requests queue, and so on.
+    wanted = {n: stack.orchestrators if n == "orchestrator" else stack.replicas for n in waiting}
     while waiting:
         stack.check_alive()
         for name, queue in list(waiting.items()):
-            if await queue_consumers(connection, queue):
+            if (await queue_consumers(connection, queue) or 0) >= wanted[name]:
                 del waiting[name]
         if waiting:
             if time.perf_counter() > deadline:
@@ -120,7 +122,8 @@ async def bench(args: argparse.Namespace, url: str, stack: BenchStack | None) ->
             pids = stack.pids()
             result["machine"]["data_dir_fs"] = filesystem_of(stack.data_dir)
             result["stack_ready_s"] = round(await wait_ready(connection, stack), 2)
-            rss["start"] = rss_kib(pids["orchestrator"])
+            first = pids.get("orchestrator", pids.get("orchestrator-1", 0))
+            rss["start"] = rss_kib(first)
             status(args, f"stack ready: {pids} data in {stack.data_dir}")
         broker = local_broker_pid(url)
         if broker is not None:
@@ -131,11 +134,11 @@ async def bench(args: argparse.Namespace, url: str, stack: BenchStack | None) ->
         if args.warmup:
             await warm_up(client, args, stack)
         if stack is not None:
-            rss["after_warmup"] = rss_kib(pids["orchestrator"])
+            rss["after_warmup"] = rss_kib(first)
 
         total = args.count if args.rate is None else max(1, round(args.rate * args.duration))
         progress = Progress("measure", total)
-        watch = Watch(pids, progress)
+        watch = Watch(pids, progress, postgres=bool(stack and stack.postgres_url))
         watch.start()
         cpu_before = watch.cpu()
         ticks_before = machine_ticks()
@@ -161,7 +164,7 @@ async def bench(args: argparse.Namespace, url: str, stack: BenchStack | None) ->
         progress.close()
         if stack is not None:
             stack.check_alive()
-            rss["end"] = rss_kib(pids["orchestrator"])
+            rss["end"] = rss_kib(first)
             rss["max"] = max(watch.rss_max, rss["end"] or 0)
             result["orchestrator_rss_kib"] = rss
             result["orchestrator_rss_trace"] = {
@@ -175,6 +178,15 @@ async def bench(args: argparse.Namespace, url: str, stack: BenchStack | None) ->
             for name, after in cpu_after.items()
             if after is not None and (before := cpu_before.get(name)) is not None
         }
+        if len(used) > len({role(name) for name in used}):  # replicas: each, then by role
+            finished = max(1, result["finished"])
+            result["cpu_ms_per_saga_by_process"] = {
+                name: round(cpu * 1000 / finished, 2) for name, cpu in used.items()
+            }
+            by_role: dict[str, float] = {}
+            for name, cpu in used.items():
+                by_role[role(name)] = by_role.get(role(name), 0.0) + cpu
+            used = by_role
         result["cpu_cores"] = {name: round(cpu / elapsed, 3) for name, cpu in used.items()}
         result["machine_load"] = {
             "loadavg_start": load_before,
@@ -292,6 +304,9 @@ def params_of(args: argparse.Namespace) -> dict[str, Any]:
         "decline_ratio": args.decline_ratio,
         "timeout_s": args.timeout,
         "start_stack": args.start_stack,
+        "orchestrators": args.orchestrators,
+        "replicas": args.replicas,
+        "store": "postgresql" if args.postgres_url else "sqlite",
         "sku": args.sku,
     }
     if args.rate is not None:

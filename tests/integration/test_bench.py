@@ -12,8 +12,10 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+import psycopg
 import pytest
 
+from tests.conftest import POSTGRES_URL
 from tests.integration.broker import Broker
 from tests.integration.stack import Stack
 
@@ -70,6 +72,44 @@ def test_bench_starts_a_stack_and_reports_sane_numbers(amqp_url: str, tmp_path: 
     assert result["machine"]["nproc"] >= 1
     assert result["machine"]["rabbitmq_version"]
     assert (result["params"]["count"], result["params"]["concurrency"]) == (20, 4)
+
+
+@pytest.mark.broker
+@pytest.mark.postgres
+def test_bench_scales_out_on_postgresql_and_counts_each_process(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    # Given the bench's own database on the test PostgreSQL, two orchestrators, two of each
+    done = run_bench(
+        *("--url", amqp_url, "--start-stack", "--count", "40", "--concurrency", "8"),
+        *("--postgres-url", POSTGRES_URL, "--orchestrators", "2", "--replicas", "2"),
+        *("--json", "--data-dir", str(tmp_path)),
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    result: dict[str, Any] = json.loads(done.stdout)
+
+    # Then every saga finished, and CPU is reported per process and summed per role
+    assert result["finished"] == 40 and result["outcomes"]["TIMED_OUT"] == 0
+    assert (result["params"]["orchestrators"], result["params"]["replicas"]) == (2, 2)
+    assert result["params"]["store"] == "postgresql"
+    by_process = result["cpu_ms_per_saga_by_process"]
+    assert {"orchestrator-1", "orchestrator-2", "inventory-1", "inventory-2"} <= set(by_process)
+    per_role = result["cpu_ms_per_saga"]
+    assert per_role["orchestrator"] == pytest.approx(
+        by_process["orchestrator-1"] + by_process["orchestrator-2"], abs=0.02
+    )
+    assert per_role["postgresql"] > 0
+    # and the bench's database is gone
+    with psycopg.connect(POSTGRES_URL) as db:
+        left = db.execute("SELECT datname FROM pg_database WHERE datname LIKE 'saga_bench_%'")
+        assert left.fetchall() == []
+
+
+def test_bench_refuses_several_orchestrators_without_postgresql() -> None:
+    done = run_bench("--start-stack", "--orchestrators", "2")
+
+    assert done.returncode == 2
+    assert "give --postgres-url" in done.stderr
 
 
 def script(name: str) -> ModuleType:
