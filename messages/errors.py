@@ -21,6 +21,14 @@ class PublishFailedError(SagaError):
     """Raised when the broker did not confirm a publish (nack, unroutable or channel lost)."""
 
 
+class StoreUnreachableError(SagaError):
+    """Raised when a service's database did not answer (a restart, a failover, a network cut).
+
+    The message being handled is not at fault: it is requeued without counting against
+    SAGA_MAX_DELIVERIES, and handled again once the database is back.
+    """
+
+
 class ConfigurationError(SagaError):
     """Raised when a command-line option or setting cannot be used."""
 

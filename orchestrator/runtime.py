@@ -44,6 +44,7 @@ from messages.errors import (
     Rejected,
     SagaNotFoundError,
     StoreUnavailableError,
+    StoreUnreachableError,
     UnreadableSagaError,
 )
 from messages.plumbing import amqp, tracing
@@ -399,6 +400,10 @@ class Orchestrator:
             return list(
                 self.store.commit_many([(d.state, to_outbox(d)) for d in decisions], confirmed)
             )
+        except StoreUnreachableError as exc:
+            # One by one would wait for the database once per decision: fail them all now.
+            self._relay.done(confirmed)
+            return [exc] * len(decisions)
         except Exception:
             self._relay.done(confirmed)
             return [self._write_one(d) for d in decisions]
@@ -485,6 +490,9 @@ class Orchestrator:
             now = self.now()
             try:
                 due = self.store.due(now, limit=DUE_BATCH)
+            except StoreUnreachableError as exc:
+                log.warning("reading due sagas failed (%s); trying again next tick", exc)
+                continue
             except Exception:
                 log.exception("reading due sagas failed; trying again next tick")
                 continue

@@ -9,6 +9,7 @@ SQL itself (conditional updates, primary keys), not in a lock only one process h
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 
 import psycopg
 
-from messages.errors import ConfigurationError
+from messages.errors import ConfigurationError, StoreUnreachableError
 from messages.plumbing.sqlite import open_sqlite
 
 
@@ -48,8 +49,10 @@ class PostgresDb:
     """A PostgreSQL connection that takes ``?`` placeholders, in its participant's schema."""
 
     def __init__(self, url: str, schema: str, *, create: bool = True) -> None:
+        self.url = url
+        self.schema = schema
         try:
-            self._db = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            self._db = self._connect()
         except psycopg.Error as exc:
             raise ConfigurationError(f"cannot reach the participant database: {exc}") from exc
         found = self._db.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
@@ -65,7 +68,12 @@ class PostgresDb:
                 self._db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (schema,))
                 self._db.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         self._db.execute(f'SET search_path TO "{schema}"')
-        self.schema = schema
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        db = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        with contextlib.suppress(psycopg.Error):  # no schema yet: __init__ makes it
+            db.execute(f'SET search_path TO "{self.schema}"')
+        return db
 
     def execute(self, sql: str, args: Sequence[Any] = (), /) -> Rows:
         return self._db.execute(_placeholders(sql), args)
@@ -82,8 +90,17 @@ class PostgresDb:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        with self._db.transaction():
-            yield
+        """One transaction; a database that does not answer is StoreUnreachableError.
+
+        A connection that broke (the server restarted, say) is replaced at the next one.
+        """
+        try:
+            if self._db.broken or self._db.closed:
+                self._db = self._connect()
+            with self._db.transaction():
+                yield
+        except psycopg.OperationalError as exc:
+            raise StoreUnreachableError(f"the participant database did not answer: {exc}") from exc
 
     def close(self) -> None:
         self._db.close()

@@ -21,7 +21,13 @@ from pamqp.common import FieldValue
 from messages.contract import topology
 from messages.contract.codec import Wire, decode, encode
 from messages.contract.models import MESSAGE_TYPES, Envelope, MessageTypes
-from messages.errors import AlreadyRunningError, DecodeError, PublishFailedError, Rejected
+from messages.errors import (
+    AlreadyRunningError,
+    DecodeError,
+    PublishFailedError,
+    Rejected,
+    StoreUnreachableError,
+)
 from messages.plumbing import tracing
 from messages.plumbing.logs import saga_context
 from messages.plumbing.metrics import DEAD_LETTERED
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 PERSISTENT = 2  # delivery_mode: written to disk by the broker
 # Set by a quorum queue on a redelivery: how many times the message was returned before.
 DELIVERY_COUNT_HEADER = "x-delivery-count"
+STORE_RETRY_S = 1.0  # pause before requeueing a message whose database did not answer
 
 # What a lost connection or channel looks like from aio-pika: the broker's trouble, not ours.
 BROKER_ERRORS = (
@@ -308,6 +315,12 @@ class _Consumer:
             except PublishFailedError as exc:
                 # Broker trouble, not the message's fault: let it come back.
                 log.warning("requeueing %s: %s", delivery.message_id, exc)
+                self.acks.nack(tag)
+            except StoreUnreachableError as exc:
+                # Nor is a database that is away: back to the queue, uncounted, after a pause
+                # so that the messages waiting for it do not spin.
+                log.warning("requeueing %s: %s", delivery.message_id, exc)
+                await asyncio.sleep(STORE_RETRY_S)
                 self.acks.nack(tag)
             except Exception as exc:
                 await self._failed(delivery, exc)

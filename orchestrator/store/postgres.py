@@ -15,7 +15,8 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -24,7 +25,12 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from messages.contract.models import SagaStatus
-from messages.errors import ConcurrentUpdateError, ConfigurationError, UnreadableSagaError
+from messages.errors import (
+    ConcurrentUpdateError,
+    ConfigurationError,
+    StoreUnreachableError,
+    UnreadableSagaError,
+)
 from orchestrator.engine import SagaState
 from orchestrator.store.base import (
     LEASE_S,
@@ -39,6 +45,7 @@ from orchestrator.store.base import (
 
 log = logging.getLogger(__name__)
 
+POOL_WAIT_S = 2.0  # longest wait for a connection before the store counts as unreachable
 FINISHED = tuple(s.value for s in SagaStatus if s.finished)
 
 _SCHEMA = """
@@ -96,7 +103,9 @@ class PostgresStore:
             url,
             min_size=1,
             max_size=pool_size,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, "connect_timeout": 5},
+            # Reads run on the event loop: a database that is away must not hold it for long.
+            timeout=POOL_WAIT_S,
             open=False,
             name="saga-store",
         )
@@ -109,14 +118,26 @@ class PostgresStore:
         if readonly:
             self._check_schema(url)
             return
-        with self._pool.connection() as db, db.transaction():
+        with self._connection() as db, db.transaction():
             # One orchestrator creates the schema while the others wait for it.
             db.execute("SELECT pg_advisory_xact_lock(7172635)")
             db.execute(_SCHEMA)
         self.heartbeat()
 
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; a database that does not answer is StoreUnreachableError.
+
+        The pool drops a connection that broke, so the next call connects afresh.
+        """
+        try:
+            with self._pool.connection() as db:
+                yield db
+        except psycopg.OperationalError as exc:
+            raise StoreUnreachableError(f"the saga store did not answer: {exc}") from exc
+
     def _check_schema(self, url: str) -> None:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             row = db.execute("SELECT to_regclass('sagas')").fetchone()
         if row is None or row[0] is None:
             self._pool.close()
@@ -125,12 +146,12 @@ class PostgresStore:
             )
 
     def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             row = db.execute(sql, args).fetchone()
         return None if row is None else row[0]
 
     def get(self, saga_id: UUID) -> SagaState | None:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             row = db.execute(
                 "SELECT state, status FROM sagas WHERE saga_id = %s", (saga_id,)
             ).fetchone()
@@ -154,7 +175,7 @@ class PostgresStore:
         changes: Sequence[tuple[SagaState, Sequence[OutboxMessage]]],
         published: Sequence[int] = (),
     ) -> list[list[OutboxMessage]]:
-        with self._pool.connection() as db, db.transaction(), db.cursor() as cur:
+        with self._connection() as db, db.transaction(), db.cursor() as cur:
             if published:
                 cur.execute("DELETE FROM outbox WHERE id = ANY(%s)", (list(published),))
             self._write_states(cur, [state for state, _ in changes])
@@ -198,7 +219,7 @@ class PostgresStore:
                 raise ConcurrentUpdateError(f"saga {_names(known)} changed since it was read")
 
     def due(self, now: datetime, limit: int) -> list[SagaState]:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             rows = db.execute(
                 "SELECT saga_id, state FROM sagas WHERE deadline <= %s ORDER BY deadline LIMIT %s",
                 (now.timestamp(), limit),
@@ -213,7 +234,7 @@ class PostgresStore:
 
     def quarantine(self, saga_id: UUID, why: str) -> None:
         log.error("saga %s quarantined: %s", saga_id, why, extra={"saga_id": str(saga_id)})
-        with self._pool.connection() as db:
+        with self._connection() as db:
             db.execute(
                 # A new version, so a decision about to commit on the old state fails.
                 "UPDATE sagas SET status = %s, reason = %s, deadline = NULL,"
@@ -222,7 +243,7 @@ class PostgresStore:
             )
 
     def quarantined(self, limit: int) -> list[tuple[str, str, datetime]]:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             rows = db.execute(
                 "SELECT saga_id, reason, updated_at FROM sagas WHERE status = %s"
                 " ORDER BY updated_at DESC LIMIT %s",
@@ -235,7 +256,7 @@ class PostgresStore:
         return int(self._one("SELECT count(*) FROM sagas WHERE waiting_since <= %s", (cutoff,)))
 
     def outbox(self, limit: int, after: int = 0) -> list[OutboxMessage]:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             rows = db.execute(
                 f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id > %s ORDER BY id LIMIT %s",
                 (after, limit),
@@ -243,7 +264,7 @@ class PostgresStore:
         return [outbox_row(row) for row in rows]
 
     def prune(self, ended_before: datetime, limit: int) -> int:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             return db.execute(
                 "DELETE FROM sagas WHERE saga_id IN (SELECT saga_id FROM sagas"
                 " WHERE status IN ('COMPLETED', 'COMPENSATED', 'FAILED') AND updated_at < %s"
@@ -252,7 +273,7 @@ class PostgresStore:
             ).rowcount
 
     def heartbeat(self) -> None:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             db.execute(
                 "INSERT INTO orchestrators (owner, alive_until) VALUES (%s, %s)"
                 " ON CONFLICT (owner) DO UPDATE SET alive_until = EXCLUDED.alive_until",
@@ -261,7 +282,7 @@ class PostgresStore:
 
     def claim_orphans(self, limit: int) -> list[OutboxMessage]:
         now = time.time()
-        with self._pool.connection() as db, db.transaction():
+        with self._connection() as db, db.transaction():
             rows = db.execute(
                 f"UPDATE outbox SET owner = %s WHERE id IN (SELECT id FROM outbox"
                 f" WHERE owner != %s AND owner NOT IN"
@@ -274,7 +295,7 @@ class PostgresStore:
         return sorted((outbox_row(row) for row in rows), key=lambda row: row.id or 0)
 
     def outbox_done(self, ids: Iterable[int]) -> None:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             db.execute("DELETE FROM outbox WHERE id = ANY(%s)", (list(ids),))
 
     def outbox_depth(self) -> int:
@@ -295,7 +316,7 @@ class PostgresStore:
         if since is not None:
             where.append("created_at >= %s")
             args.append(since.timestamp())
-        with self._pool.connection() as db:
+        with self._connection() as db:
             rows = db.execute(
                 f"SELECT saga_id, state FROM sagas WHERE {' AND '.join(where)}"
                 " ORDER BY created_at DESC LIMIT %s",
@@ -310,13 +331,13 @@ class PostgresStore:
         return listed
 
     def counts(self) -> dict[str, int]:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             rows = db.execute("SELECT status, count(*) FROM sagas GROUP BY status").fetchall()
         return {status: int(count) for status, count in rows}
 
     def stats(self) -> SagaStats:
         by_status = self.counts()
-        with self._pool.connection() as db:
+        with self._connection() as db:
             outcomes = db.execute(
                 "SELECT status, reason, count(*) FROM sagas WHERE status = ANY(%s)"
                 " GROUP BY status, reason ORDER BY count(*) DESC",

@@ -10,12 +10,17 @@ stock.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 
-from tests.integration.stack import Stack
+from messages.contract import topology
+from tests.conftest import POSTGRES_URL
+from tests.integration.stack import Stack, amqp_channel
 
 pytestmark = [pytest.mark.broker, pytest.mark.postgres]
 
@@ -23,11 +28,12 @@ ORDERS = 300
 STOCK = 250  # so that some sagas are compensated too: both paths cross the kill
 
 
-def test_a_killed_orchestrator_loses_nothing_the_other_one_finishes(
-    stack: Stack, postgres_database: str, tmp_path: Path
-) -> None:
-    # Given two orchestrators and two inventories sharing one PostgreSQL, each process with
-    # a data dir of its own (for its health file)
+@pytest.fixture
+def scaled(postgres_database: str, stack: Stack, tmp_path: Path) -> Stack:
+    """Two orchestrators, two inventories, a payment and an order service on one PostgreSQL.
+
+    Each process has a data dir of its own (its health file).
+    """
     stack.env["SAGA_STORE_URL"] = postgres_database
     stack.env["SAGA_PARTICIPANT_DB_URL"] = postgres_database
 
@@ -41,12 +47,20 @@ def test_a_killed_orchestrator_loses_nothing_the_other_one_finishes(
     start("order", "workers", "run", "order", ready="commands")
     for name in ("orchestrator-a", "orchestrator-b"):
         start(name, "orchestrator", "run")
+    return stack
 
-    # When orders flow and one orchestrator is SIGKILLed while they do
-    placing = stack.place_order_async(
+
+def place_orders(stack: Stack) -> subprocess.Popen[str]:
+    return stack.place_order_async(
         "--customer", "c-1", "--sku", "item-1", "--qty", "1", "--amount", "5.00",
         "--count", str(ORDERS), "--concurrency", "16", timeout=90,
     )  # fmt: skip
+
+
+def test_a_killed_orchestrator_loses_nothing_the_other_one_finishes(scaled: Stack) -> None:
+    stack = scaled
+    # When orders flow and one orchestrator is SIGKILLed while they do
+    placing = place_orders(stack)
     time.sleep(1.0)
     stack.kill("orchestrator-a")
     out, err = placing.communicate(timeout=150)
@@ -74,3 +88,41 @@ def test_a_killed_orchestrator_loses_nothing_the_other_one_finishes(
     assert 0 < started["orchestrator-a"] < ORDERS, started
     assert started["orchestrator-b"] > 0, started
     assert logged("inventory-a", "Reserved") > 0 and logged("inventory-b", "Reserved") > 0
+
+
+def test_a_postgresql_outage_mid_run_costs_time_not_sagas(
+    scaled: Stack, postgres_database: str
+) -> None:
+    # Given orders flowing through the scaled-out stack
+    placing = place_orders(scaled)
+    time.sleep(1.0)
+
+    # When the database refuses every connection for 4 s (a restart, a failover): longer
+    # than a message's SAGA_MAX_DELIVERIES retries take, shorter than an orchestrator's lease
+    database = urlsplit(postgres_database).path.lstrip("/")
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS false")
+        try:
+            cut = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s",
+                (database,),
+            ).fetchone()
+            assert cut is not None and cut[0] > 0
+            time.sleep(4.0)
+        finally:
+            admin.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+    out, err = placing.communicate(timeout=150)
+
+    # Then every saga still ended as the stock allowed, and no message was dead-lettered:
+    # a database that did not answer is not the message's fault
+    summary = json.loads(out)
+    assert summary["outcomes"] == {"COMPLETED": STOCK, "COMPENSATED": ORDERS - STOCK}, err
+    assert len(scaled.cli("workers", "orders")) == STOCK
+    assert scaled.cli("workers", "stock") == {"item-1": 0}
+    with amqp_channel(scaled.amqp_url) as channel:
+        for queue, _, _ in topology.consumed_queues():
+            dlq = topology.dead_letter_queue(queue)
+            assert channel.queue_declare(dlq, passive=True).method.message_count == 0, dlq
+    # and all processes are still up: they reconnected by themselves
+    exited = {name: p.tail(20) for name, p in scaled.services.items() if p.poll() is not None}
+    assert exited == {}
