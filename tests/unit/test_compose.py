@@ -72,7 +72,13 @@ def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
 
 
 COMPOSE = load_compose()
-SERVICES: dict[str, Service] = COMPOSE.get("services") or {}
+# The single-machine deployment: what `docker compose up` starts (the scaled-out profile is
+# checked in test_compose_scale.py).
+SERVICES: dict[str, Service] = {
+    name: service
+    for name, service in (COMPOSE.get("services") or {}).items()
+    if not service.get("profiles")
+}
 PYTHON_SERVICES = sorted(name for name, service in SERVICES.items() if "build" in service)
 # The long-running ones, with state of their own (provision runs once and keeps none).
 STATEFUL_SERVICES = [
