@@ -73,12 +73,12 @@ def test_the_nodes_form_one_cluster_with_one_cookie() -> None:
     listed = {line.split("=")[1].strip() for line in cluster.splitlines() if ".nodes." in line}
     assert listed == {f"rabbit@{SCALE[n]['hostname']}" for n in NODES}
     assert "classic_config" in cluster
-    cookies = {environment_of(SCALE[n])["SAGA_ERLANG_COOKIE"] for n in NODES}
+    cookies = {environment_of(SCALE[n])["RABBITMQ_CLUSTER_COOKIE"] for n in NODES}
     assert len(cookies) == 1 and cookies != {""}
     for node in NODES:
         mounts = {c["target"]: c["source"] for c in SCALE[node]["configs"]}
         assert mounts["/etc/rabbitmq/conf.d/20-cluster.conf"] == "rabbitmq-cluster"
-        assert "SAGA_ERLANG_COOKIE" in " ".join(SCALE[node]["entrypoint"])
+        assert "RABBITMQ_CLUSTER_COOKIE" in " ".join(SCALE[node]["entrypoint"])
 
 
 @pytest.mark.parametrize("name", PYTHON)
