@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--settle-s", type=float, help="quiet time before the audit (default: fault delay + 1)"
     )
     parser.add_argument("--data-dir", type=Path, help="where SQLite files and logs go (new)")
-    parser.add_argument("--keep", action="store_true", help="keep the vhost and data directory")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the vhost, data directory and database"
+    )
     parser.add_argument("--seed", type=int, help="random seed, to replay a run's choices")
     parser.add_argument("--json", dest="json_path", type=Path, help="also write the report here")
     add_arguments(parser)
@@ -227,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report["violations"] == 0 else 1
 
 
+def _spotless(report: dict[str, Any]) -> bool:
+    """No violation, and nothing in the logs worth keeping them for."""
+    return not (report["violations"] or report["unexpected_exits"] or report["log_tracebacks"])
+
+
 def _run(opts: Options, infra: Infrastructure) -> dict[str, Any] | None:
     """The soak on a vhost of its own and a data directory; both removed after it."""
     mgmt = infra.management
@@ -246,7 +253,7 @@ def _run(opts: Options, infra: Infrastructure) -> dict[str, Any] | None:
         interrupted = True
         raise
     finally:
-        clean = interrupted or (report is not None and report["violations"] == 0)
+        clean = interrupted or (report is not None and _spotless(report))
         cleanup(opts, mgmt, vhost if created else None, data_dir, clean)
     return report
 

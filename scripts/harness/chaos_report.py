@@ -191,8 +191,8 @@ def _node_stops_text(report: dict[str, Any]) -> str:
             parts.append(f"node {stop['node']} FAILED ({stop['error']})")
         else:
             parts.append(
-                f"node {stop['node']} at {stop['at_s']}s, down {stop['down_s']}s, "
-                f"all {stops['nodes']} running again after {stop['back_s']}s"
+                f"node {stop['node']} at {stop['at_s']}s (stopping took {stop['stopping_s']}s), "
+                f"down {stop['down_s']}s, all {stops['nodes']} running {stop['back_s']}s later"
             )
     return f"{len(stops['done'])}/{stops['planned']} stopped and started: " + (
         "; ".join(parts) or "none"

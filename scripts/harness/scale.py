@@ -68,16 +68,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="shorthand for --orchestrators 2 --replicas 2 --postgres-url "
         f"{LOCAL_POSTGRES} --cluster 3 --queue-type quorum --node-stops 1 (each can be overridden)",
     )
-    group.add_argument("--orchestrators", type=int, help="orchestrator processes (1)")
-    group.add_argument("--replicas", type=int, help="processes of each participant (1)")
+    group.add_argument("--orchestrators", type=int, metavar="N", help="orchestrator processes (1)")
+    group.add_argument(
+        "--replicas", type=int, metavar="N", help="processes of each participant (1)"
+    )
     group.add_argument(
         "--postgres-url",
+        metavar="URL",
         help="run the store and the participants on PostgreSQL: a fresh database made on this "
         "server, dropped at the end (default: SQLite files in the data directory)",
     )
     group.add_argument(
         "--cluster",
         type=int,
+        metavar="N",
         help="start a private RabbitMQ cluster of N nodes for the soak, instead of --url; "
         "stopped and removed at the end",
     )
@@ -85,12 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--node-stops",
         type=int,
+        metavar="N",
         help="times a node of --cluster (a random one, never the last one again) is stopped "
         "and started again mid-run (1 with --scale, else 0)",
     )
     group.add_argument(
         "--node-down-s",
         type=float,
+        metavar="S",
         default=NODE_DOWN_S,
         help="how long a stopped node stays down (%(default)s)",
     )
@@ -221,12 +227,13 @@ def _cluster(size: int) -> Iterator[PrivateCluster]:
 
 @dataclass
 class NodeStop:
-    """One node stopped mid-run: which, how long it was down, how long until all ran again."""
+    """One node stopped mid-run: which, when, and how long each part took."""
 
     node: int
     at_s: float
-    down_s: float | None = None
-    back_s: float | None = None
+    stopping_s: float | None = None  # until its Erlang node was gone
+    down_s: float | None = None  # gone, before it was started again
+    back_s: float | None = None  # from its start until the cluster ran every node again
     error: str | None = None
 
 
@@ -253,11 +260,16 @@ class NodeOutages:
         began = time.monotonic()
         try:
             self.cluster.stop_node(number)
+            stop.stopping_s, began = _since(began), time.monotonic()
             time.sleep(self.down_s)
-            stop.down_s = round(time.monotonic() - began, 1)
+            stop.down_s, began = _since(began), time.monotonic()
             self.cluster.start_node(number)
             self.cluster.wait_running(len(self.cluster.nodes), timeout=120)
-            stop.back_s = round(time.monotonic() - began, 1)
+            stop.back_s = _since(began)
         except (NodeError, OSError) as exc:
             stop.error = str(exc)[:300]
         return stop
+
+
+def _since(began: float) -> float:
+    return round(time.monotonic() - began, 1)

@@ -128,12 +128,16 @@ class Supervisor:
                         service.spawn()
 
     def kill(self, role: str, rng: random.Random) -> str | None:
-        """SIGKILL a replica of ``role`` that is up and consuming; its name, or None if none is."""
+        """SIGKILL a replica of ``role`` that is up and consuming; its name, or None if none is.
+
+        Of those, one killed the fewest times so far, so that every replica gets its turn.
+        """
         with self._lock:
             ready = [s for s in self.services.values() if s.role == role and s.ready()]
             if not ready:
                 return None
-            service = rng.choice(ready)
+            fewest = min(s.kills for s in ready)
+            service = rng.choice([s for s in ready if s.kills == fewest])
             service.kill()
             return service.name
 
