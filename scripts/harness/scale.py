@@ -216,10 +216,12 @@ def _cluster(size: int) -> Iterator[PrivateCluster]:
     cluster = PrivateCluster.create(size=size, management=True)
     print(f"cluster: starting {size} private RabbitMQ nodes in {cluster.base_dir}", flush=True)
     began = time.monotonic()
-    with cluster:  # start(); stop() and the directory removed on the way out, always
-        print(f"cluster: {size} nodes up in {time.monotonic() - began:.1f}s", flush=True)
-        yield cluster
-    print(f"cluster: stopped, {cluster.base_dir} removed", flush=True)
+    try:
+        with cluster:  # start(); stop() and the directory removed on the way out, always
+            print(f"cluster: {size} nodes up in {time.monotonic() - began:.1f}s", flush=True)
+            yield cluster
+    finally:
+        print(f"cluster: stopped, {cluster.base_dir} removed", flush=True)
 
 
 # --- a node stopped and brought back ----------------------------------------------------------
