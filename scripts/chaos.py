@@ -54,7 +54,13 @@ from scripts.harness.chaos_options import (
 )
 from scripts.harness.chaos_report import format_report
 from scripts.harness.rabbit_node import NodeError
-from scripts.harness.scale import Infrastructure, add_arguments, infrastructure, scale_from
+from scripts.harness.scale import (
+    Infrastructure,
+    ScaleError,
+    add_arguments,
+    infrastructure,
+    scale_from,
+)
 from scripts.harness.soak import cleanup, prepare_data_dir, soak
 from scripts.harness.vhost import new_vhost_name
 
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             report = _run(opts, infra)
     except ConfigurationError as exc:
         print(f"error: {exc}; {MANAGEMENT_HINT}", file=sys.stderr)
-    except (ChaosError, NodeError) as exc:
+    except (ChaosError, NodeError, ScaleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted: stopping the stack", file=sys.stderr)

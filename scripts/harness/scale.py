@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
+import sys
 import time
 import urllib.error
 import uuid
@@ -31,6 +32,10 @@ from scripts.harness.rabbit_node import NodeError
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 QUEUE_TYPES = ("classic", "quorum")
 NODE_DOWN_S = 5.0
+
+
+class ScaleError(Exception):
+    """Raised when the soak's database cannot be made; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -196,9 +201,7 @@ def _database(server_url: str, keep: bool) -> Iterator[tuple[str, str]]:
         with psycopg.connect(server_url, autocommit=True, connect_timeout=10) as db:
             db.execute(f"CREATE DATABASE {name}")
     except psycopg.Error as exc:
-        raise ConfigurationError(
-            f"cannot make a database on {redact(server_url)}: {exc}".strip()
-        ) from exc
+        raise ScaleError(f"cannot make a database on {redact(server_url)}: {exc}") from exc
     print(f"database {name} on {redact(server_url)}", flush=True)
     try:
         yield name, urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
@@ -206,8 +209,11 @@ def _database(server_url: str, keep: bool) -> Iterator[tuple[str, str]]:
         if keep:
             print(f"kept: database {name}", flush=True)
         else:
-            with psycopg.connect(server_url, autocommit=True, connect_timeout=10) as db:
-                db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            try:
+                with psycopg.connect(server_url, autocommit=True, connect_timeout=10) as db:
+                    db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            except psycopg.Error as exc:
+                print(f"warning: could not drop database {name}: {exc}", file=sys.stderr)
 
 
 @contextlib.contextmanager
