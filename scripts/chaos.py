@@ -13,12 +13,17 @@ and crash after committing (SAGA_FAULT_*). When every saga has ended it checks s
 money, orders and queues, prints one row per check, and ends with `violations: N`; the exit
 code is 0 only when N is 0 (1 with violations, 2 when the soak could not run).
 
+--scale runs it at scale: two orchestrators and two of each participant on a fresh
+PostgreSQL database, on a private 3-node RabbitMQ cluster it starts (and removes) with quorum
+queues, one node of which it stops and starts again mid-run (scripts/harness/scale.py).
+
     python scripts/chaos.py
     python scripts/chaos.py --sagas 200 --concurrency 16 --orchestrator-kills 1
     python scripts/broker_node.py start --management     # a private node: never the shared one
     python scripts/chaos.py --url amqp://guest:guest@127.0.0.1:PORT/ \
         --management-url http://127.0.0.1:MGMT_PORT \
         --broker-restart-cmd "python scripts/broker_node.py restart --down 2"
+    python scripts/chaos.py --scale --sagas 1000 --concurrency 16
 """
 
 from __future__ import annotations
@@ -48,8 +53,16 @@ from scripts.harness.chaos_options import (
     say,
 )
 from scripts.harness.chaos_report import format_report
+from scripts.harness.rabbit_node import NodeError
+from scripts.harness.scale import (
+    Infrastructure,
+    ScaleError,
+    add_arguments,
+    infrastructure,
+    scale_from,
+)
 from scripts.harness.soak import cleanup, prepare_data_dir, soak
-from scripts.harness.vhost import management_for, new_vhost_name
+from scripts.harness.vhost import new_vhost_name
 
 MANAGEMENT_HINT = "give --management-url, or enable it: rabbitmq-plugins enable rabbitmq_management"
 
@@ -149,9 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--settle-s", type=float, help="quiet time before the audit (default: fault delay + 1)"
     )
     parser.add_argument("--data-dir", type=Path, help="where SQLite files and logs go (new)")
-    parser.add_argument("--keep", action="store_true", help="keep the vhost and data directory")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the vhost, data directory and database"
+    )
     parser.add_argument("--seed", type=int, help="random seed, to replay a run's choices")
     parser.add_argument("--json", dest="json_path", type=Path, help="also write the report here")
+    add_arguments(parser)
     return parser
 
 
@@ -185,6 +201,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         keep=args.keep,
         seed=args.seed if args.seed is not None else random.randrange(2**32),
         json_path=args.json_path,
+        scale=scale_from(args, parser),
     )
 
 
@@ -196,7 +213,36 @@ def main(argv: list[str] | None = None) -> int:
     """Run one soak; 0 without violations, 1 with, 2 when it could not run, 130 interrupted."""
     opts = parse_options(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    mgmt = management_for(opts.url, opts.management_url)
+    interrupted = False
+    report: dict[str, Any] | None = None
+    try:
+        # The cluster and the database, when asked for, go at the end whatever happens.
+        with infrastructure(opts.scale, opts.url, opts.management_url, opts.keep) as infra:
+            report = _run(opts, infra)
+    except ConfigurationError as exc:
+        print(f"error: {exc}; {MANAGEMENT_HINT}", file=sys.stderr)
+    except (ChaosError, NodeError, ScaleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted: stopping the stack", file=sys.stderr)
+        interrupted = True
+    if report is None:
+        return 130 if interrupted else 2
+    if opts.json_path:
+        opts.json_path.write_text(json.dumps(report, indent=2, default=str))
+    for line in format_report(report):
+        print(line)
+    return 0 if report["violations"] == 0 else 1
+
+
+def _spotless(report: dict[str, Any]) -> bool:
+    """No violation, and nothing in the logs worth keeping them for."""
+    return not (report["violations"] or report["unexpected_exits"] or report["log_tracebacks"])
+
+
+def _run(opts: Options, infra: Infrastructure) -> dict[str, Any] | None:
+    """The soak on a vhost of its own and a data directory; both removed after it."""
+    mgmt = infra.management
     vhost = new_vhost_name("saga-chaos")
     data_dir: Path | None = None
     created = interrupted = False
@@ -205,27 +251,17 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = prepare_data_dir(opts)
         mgmt.create_vhost(vhost)
         created = True
-        say(f"vhost {vhost} on {redact(opts.url)}; data and logs in {data_dir}")
-        if not opts.broker_restart_cmd:
+        say(f"vhost {vhost} on {redact(infra.amqp_url)}; data and logs in {data_dir}")
+        if not opts.broker_restart_cmd and not opts.scale.node_stops:
             say("broker restart: skipped (give --broker-restart-cmd to restart the broker mid-run)")
-        report = soak(opts, mgmt, vhost, data_dir)
-    except ConfigurationError as exc:
-        print(f"error: {exc}; {MANAGEMENT_HINT}", file=sys.stderr)
-    except ChaosError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report = soak(opts, infra, vhost, data_dir)
     except KeyboardInterrupt:
-        print("interrupted: stopping the stack", file=sys.stderr)
         interrupted = True
+        raise
     finally:
-        clean = interrupted or (report is not None and report["violations"] == 0)
+        clean = interrupted or (report is not None and _spotless(report))
         cleanup(opts, mgmt, vhost if created else None, data_dir, clean)
-    if report is None:
-        return 130 if interrupted else 2
-    if opts.json_path:
-        opts.json_path.write_text(json.dumps(report, indent=2, default=str))
-    for line in format_report(report):
-        print(line)
-    return 0 if report["violations"] == 0 else 1
+    return report
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -87,6 +88,8 @@ CREATE TABLE IF NOT EXISTS orchestrators (
     alive_until DOUBLE PRECISION NOT NULL
 );
 """
+# Every table and index the schema makes: when all exist, the DDL is not run at all.
+_RELATIONS = re.findall(r"IF NOT EXISTS (\w+)", _SCHEMA)
 
 
 class PostgresStore:
@@ -119,9 +122,13 @@ class PostgresStore:
             self._check_schema(url)
             return
         with self._connection() as db, db.transaction():
-            # One orchestrator creates the schema while the others wait for it.
+            # One orchestrator creates the schema while the others wait for it. Only if some
+            # of it is missing: CREATE INDEX IF NOT EXISTS locks its table against writes even
+            # when the index exists, and holding one such lock while waiting for the next
+            # deadlocks with a live orchestrator's transaction that writes both tables.
             db.execute("SELECT pg_advisory_xact_lock(7172635)")
-            db.execute(_SCHEMA)
+            if _missing(db):
+                db.execute(_SCHEMA)
         self.heartbeat()
 
     @contextmanager
@@ -397,3 +404,12 @@ def _redact(url: str) -> str:
     except psycopg.ProgrammingError:
         return "(an unreadable PostgreSQL URL)"
     return " ".join(f"{k}={'***' if k == 'password' else v}" for k, v in info.items())
+
+
+def _missing(db: psycopg.Connection[Any]) -> int:
+    """How many of the schema's tables and indexes do not exist (in the search path)."""
+    row = db.execute(
+        "SELECT count(*) FROM unnest(%s::text[]) AS r WHERE to_regclass(r) IS NULL",
+        (_RELATIONS,),
+    ).fetchone()
+    return int(row[0]) if row else len(_RELATIONS)

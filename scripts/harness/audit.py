@@ -254,7 +254,23 @@ def queue_problems(
         dlq = topology.dead_letter_queue(queue)
         if exact[dlq] or stats.get(dlq, {}).get("messages"):
             problems.append(f"{dlq}: {exact[dlq]} dead-lettered message(s)")
-    return problems
+        problems += [_offline(name, stats.get(name, {})) for name in (queue, dlq)]
+    return [p for p in problems if p]
+
+
+def _offline(queue: str, row: dict[str, Any]) -> str:
+    """A quorum queue's members that are not online (after a node came back, none should be)."""
+    offline = sorted(set(row.get("members") or []) - set(row.get("online") or []))
+    return f"{queue}: replicas on {', '.join(offline)} not online" if offline else ""
+
+
+def _kinds(stats: dict[str, dict[str, Any]] | None, queues: list[str]) -> str:
+    """The queues' type, and for quorum queues on how many nodes each is replicated."""
+    rows = [row for name, row in (stats or {}).items() if name in queues]
+    kinds = sorted({str(row.get("type", "classic")) for row in rows})
+    members = sorted({len(row.get("members") or []) for row in rows if row.get("members")})
+    nodes = f", on {'/'.join(map(str, members))} nodes each" if members else ""
+    return f" ({'/'.join(kinds)}{nodes})" if kinds else ""
 
 
 def check_queues(
@@ -279,8 +295,8 @@ def check_queues(
             break
         time.sleep(1)
     summary = (
-        f"outbox empty; {len(queues) // 2} main queues: no message ready or unacked, a "
-        f"consumer each; {len(queues) // 2} dead-letter queues: empty"
+        f"outbox empty; {len(queues) // 2} main queues{_kinds(stats, queues)}: no message ready or "
+        f"unacked, a consumer each; {len(queues) // 2} dead-letter queues: empty"
     )
     return Check(5, "queues clean", summary, problems)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,11 +14,13 @@ import pika.exceptions
 from messages.contract import topology
 from messages.contract.models import Money, PlaceOrder
 from messages.errors import SagaError
+from scripts.harness.scale import Scale
 
 PARTICIPANTS: tuple[str, ...] = tuple(topology.PARTICIPANTS)
 SERVICES = ("orchestrator", *PARTICIPANTS)
 BROKER = "broker"
 CONNECTIONS = "connections"
+NODE = "broker node"  # a node of the soak's cluster, stopped and started again
 TERMINAL = frozenset({"COMPLETED", "COMPENSATED", "FAILED"})
 
 # The services' time-outs, short so that a soak drains in seconds. The pivot and the
@@ -99,6 +101,7 @@ class Options:
     keep: bool
     seed: int
     json_path: Path | None
+    scale: Scale = field(default_factory=Scale)
 
 
 def fault_env(opts: Options) -> dict[str, str]:

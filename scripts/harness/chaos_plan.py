@@ -1,4 +1,4 @@
-"""Chaos: kills, connection drops and a broker restart at random points of the load."""
+"""Chaos: kills, connection drops, a broker restart or node stops at random points of the load."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any
 
 from messages.errors import ConfigurationError
 from messages.plumbing.management import ManagementApi
-from scripts.harness.chaos_options import BROKER, CONNECTIONS, Options, say
+from scripts.harness.chaos_options import BROKER, CONNECTIONS, NODE, Options, say
+from scripts.harness.scale import NodeOutages
 from scripts.harness.supervisor import Supervisor
 
 
@@ -27,7 +28,7 @@ class Progress:
 
 @dataclass(frozen=True)
 class Action:
-    """Kill ``target`` (or restart the broker) once ``at`` sagas have finished."""
+    """Kill a replica of ``target`` (or break the broker) once ``at`` sagas have finished."""
 
     at: int
     target: str
@@ -45,7 +46,8 @@ class BrokerRestart:
 
 
 def plan_chaos(opts: Options, rng: random.Random) -> list[Action]:
-    """Kills at random points between 10% and 85% of the sagas; the broker restart mid-run."""
+    """Kills at random points between 10% and 85% of the sagas; broker restart, node stops
+    between 30% and 70%."""
     low, high = opts.sagas // 10, max(opts.sagas // 10, opts.sagas * 85 // 100)
     actions = [
         Action(rng.randint(low, high), "orchestrator") for _ in range(opts.orchestrator_kills)
@@ -58,11 +60,17 @@ def plan_chaos(opts: Options, rng: random.Random) -> list[Action]:
     actions += [Action(rng.randint(low, high), CONNECTIONS) for _ in range(opts.drop_connections)]
     if opts.broker_restart_cmd:
         actions.append(Action(rng.randint(opts.sagas * 2 // 5, opts.sagas * 3 // 5), BROKER))
+    mid = (opts.sagas * 3 // 10, opts.sagas * 7 // 10)
+    actions += [Action(rng.randint(*mid), NODE) for _ in range(opts.scale.node_stops)]
     return sorted(actions, key=lambda a: a.at)
 
 
 class Chaos:
-    """Carries out the plan in a thread of its own, as the load reaches each point."""
+    """Carries out the plan in a thread of its own, as the load reaches each point.
+
+    Which replica a kill hits is drawn from ``rng``. A node stop runs in a thread of its own
+    (the node is down for seconds; kills go on meanwhile); stop() waits for it to be back.
+    """
 
     def __init__(
         self,
@@ -71,8 +79,13 @@ class Chaos:
         progress: Progress,
         broker: BrokerRestart,
         management: ManagementApi,
+        rng: random.Random,
+        outages: NodeOutages | None = None,
     ) -> None:
         self.actions = actions
+        self.rng = rng
+        self.outages = outages
+        self._outage_threads: list[threading.Thread] = []
         self.management = management
         self.supervisor = supervisor
         self.progress = progress
@@ -88,6 +101,8 @@ class Chaos:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        for thread in self._outage_threads:
+            thread.join()
 
     def count(self, target: str) -> int:
         return sum(1 for d in self.done if d["target"] == target)
@@ -106,15 +121,23 @@ class Chaos:
             if action.target == CONNECTIONS:
                 self._drop_connections()
                 continue
-            while not self.supervisor.kill(action.target):
+            if action.target == NODE:
+                self._stop_node()
+                continue
+            while not (name := self.supervisor.kill(action.target, self.rng)):
                 if self._stop.wait(0.05):
                     return
-            self._note(action.target, f"SIGKILL {action.target}")
+            self._note(action.target, f"SIGKILL {name}", name)
 
-    def _note(self, target: str, what: str) -> None:
+    def _note(self, target: str, what: str, name: str | None = None) -> None:
         elapsed = time.monotonic() - self.supervisor.started
         self.done.append(
-            {"target": target, "at_s": round(elapsed, 1), "finished": self.progress.finished}
+            {
+                "target": target,
+                "name": name or target,
+                "at_s": round(elapsed, 1),
+                "finished": self.progress.finished,
+            }
         )
         say(f"[{elapsed:7.1f}s] {what} ({self.progress.finished} sagas finished)")
 
@@ -129,6 +152,29 @@ class Chaos:
             say(f"could not drop connections: {exc}")
             return
         self._note(CONNECTIONS, f"closed {len(names)} connections of the vhost")
+
+    def _stop_node(self) -> None:
+        """Stop a node of the cluster and start it again, in a thread of its own.
+
+        One node at a time: a second stop waits for the first node to be back, so that a
+        majority of the cluster always runs.
+        """
+        if self.outages is None:
+            return
+        for previous in self._outage_threads:
+            previous.join()
+        outages, started = self.outages, self.supervisor.started
+        number = outages.pick()
+
+        def run() -> None:
+            stop = outages.stop_one(number, round(time.monotonic() - started, 1))
+            state = f"FAILED: {stop.error}" if stop.error else f"back after {stop.back_s}s"
+            say(f"[{time.monotonic() - started:7.1f}s] broker node {number} {state}")
+
+        self._note(NODE, f"stopping broker node {number}", f"node {number}")
+        thread = threading.Thread(target=run, name="node-stop", daemon=True)
+        self._outage_threads.append(thread)
+        thread.start()
 
     def _restart_broker(self) -> None:
         assert self.broker.command is not None

@@ -17,6 +17,7 @@ from scripts.harness.chaos_options import (
     KIND_HELP,
     KINDS,
     MAX_LISTED,
+    NODE,
     SERVICE_SETTINGS,
     SERVICES,
     TERMINAL,
@@ -26,6 +27,7 @@ from scripts.harness.chaos_options import (
 from scripts.harness.chaos_plan import Chaos
 from scripts.harness.drain import Drain
 from scripts.harness.load import LoadStats
+from scripts.harness.scale import Infrastructure
 from scripts.harness.supervisor import Supervisor
 from workers.faults import CRASH_EXIT_CODE
 
@@ -79,6 +81,7 @@ def outcome_text(snap: Snapshot, placed: set[str]) -> str:
 
 def build_report(
     opts: Options,
+    infra: Infrastructure,
     vhost: str,
     data_dir: Path,
     orders: list[Order],
@@ -98,6 +101,7 @@ def build_report(
     finished = sum(1 for s in placed if s in snap.sagas and snap.sagas[s].status in TERMINAL)
     drain_s = None if drained.drained_at is None else drained.drained_at - load.last_placed
     broker = chaos.broker
+    outages = chaos.outages.done if chaos.outages else []
     return {
         "params": {
             "sagas": opts.sagas,
@@ -108,6 +112,8 @@ def build_report(
             "vhost": vhost,
             "data_dir": str(data_dir),
             "service_settings": SERVICE_SETTINGS,
+            "scale": asdict(opts.scale) | {"database": infra.database},
+            "stack": opts.scale.describe(),
         },
         "orders": {k: kinds[k] for k in KINDS},
         "placed": load.placed,
@@ -122,13 +128,18 @@ def build_report(
         },
         "kill_log": chaos.done,
         "broker_restart": asdict(broker) | {"skipped": broker.command is None},
+        "node_stops": {
+            "done": [asdict(stop) for stop in outages],
+            "planned": chaos.planned(NODE),
+            "nodes": len(infra.cluster.nodes) if infra.cluster else 0,
+        },
         "restarts": {s.name: s.starts - 1 for s in services},
-        "crashes": {s.name: s.crashes for s in services if s.name != "orchestrator"},
+        "crashes": {s.name: s.crashes for s in services if s.role != "orchestrator"},
         "unexpected_exits": {s.name: s.unexpected for s in services if s.unexpected},
         "faults_injected": dict(faults),
         "log_errors": errors,
         "log_tracebacks": tracebacks,
-        "step_timeouts": count_timeouts(supervisor.services["orchestrator"].log),
+        "step_timeouts": sum(count_timeouts(s.log) for s in supervisor.of_role("orchestrator")),
         "results": {"by_event": load.by_event, "by_store": load.by_store},
         "reconnects": load.reconnects,
         "load_s": round(load_s, 1),
@@ -167,7 +178,25 @@ def _kills_text(report: dict[str, Any]) -> str:
         if dropped["planned"]
         else ""
     )
+    if broker["skipped"] and report["node_stops"]["planned"]:
+        return f"SIGKILL {', '.join(parts)}{drops}"  # the broker row tells of the nodes
     return f"SIGKILL {', '.join(parts)}{drops}; broker restart {restart}"
+
+
+def _node_stops_text(report: dict[str, Any]) -> str:
+    stops = report["node_stops"]
+    parts = []
+    for stop in stops["done"]:
+        if stop["error"]:
+            parts.append(f"node {stop['node']} FAILED ({stop['error']})")
+        else:
+            parts.append(
+                f"node {stop['node']} at {stop['at_s']}s (stopping took {stop['stopping_s']}s), "
+                f"down {stop['down_s']}s, all {stops['nodes']} running {stop['back_s']}s later"
+            )
+    return f"{len(stops['done'])}/{stops['planned']} stopped and started: " + (
+        "; ".join(parts) or "none"
+    )
 
 
 def _restarts_text(report: dict[str, Any]) -> str:
@@ -191,7 +220,8 @@ def format_report(report: dict[str, Any]) -> list[str]:
         if params["faults"]
         else "none (--no-faults)"
     )
-    rows = [
+    rows = [("stack", params["stack"])] if params["stack"] else []
+    rows += [
         (
             "orders placed",
             f"{report['placed']}/{params['sagas']} at concurrency {params['concurrency']}: "
@@ -199,6 +229,7 @@ def format_report(report: dict[str, Any]) -> list[str]:
         ),
         ("sagas by outcome", report["outcomes"]),
         ("kills", _kills_text(report)),
+        *([("broker nodes", _node_stops_text(report))] if report["node_stops"]["planned"] else []),
         ("restarts", _restarts_text(report)),
         ("faults injected", injected),
         ("time-outs", f"{report['step_timeouts']} deadlines missed (then resent or given up)"),

@@ -12,6 +12,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from messages.plumbing.settings import split_amqp_urls
 from scripts.harness.stack import CliError, Stack
 
 
@@ -51,17 +52,21 @@ class Orchestrator:
 
 
 class Probe:
-    """Exact ready-message counts by passive queue.declare (the API's numbers lag)."""
+    """Exact ready-message counts by passive queue.declare (the API's numbers lag).
+
+    ``url`` may list several nodes of a cluster: the first that answers is asked.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self._parameters = [pika.URLParameters(node) for node in split_amqp_urls(url)]
         self._connection: Any = None
 
     def depths(self, queues: Iterable[str]) -> dict[str, int] | None:
         """Messages ready in each queue, or None while the broker cannot be asked."""
         try:
             if self._connection is None or not self._connection.is_open:
-                self._connection = pika.BlockingConnection(pika.URLParameters(self.url))
+                self._connection = pika.BlockingConnection(self._parameters)
             channel = self._connection.channel()
             depths = {
                 q: int(channel.queue_declare(q, passive=True).method.message_count) for q in queues

@@ -20,17 +20,18 @@ from scripts.harness.chaos_report import build_report
 from scripts.harness.drain import drain
 from scripts.harness.load import Load
 from scripts.harness.observe import Orchestrator, Probe
+from scripts.harness.scale import Infrastructure, NodeOutages
 from scripts.harness.supervisor import Supervisor, build_services, soak_stack
 from scripts.harness.vhost import vhost_url
 
 
-def soak(opts: Options, mgmt: ManagementApi, vhost: str, data_dir: Path) -> dict[str, Any]:
+def soak(opts: Options, infra: Infrastructure, vhost: str, data_dir: Path) -> dict[str, Any]:
     """Start the stack, run load and chaos, drain, audit; return the report."""
-    url = vhost_url(opts.url, vhost)
+    url, mgmt = vhost_url(infra.amqp_url, vhost), infra.management
     rng = random.Random(opts.seed)
     orders = [make_order(rng) for _ in range(opts.sagas)]
     started = time.monotonic()
-    stack = soak_stack(url, data_dir)
+    stack = soak_stack(url, data_dir, infra.service_env)
     supervisor = Supervisor(build_services(opts, stack), started)
     orchestrator = Orchestrator(stack)
     probe = Probe(url)
@@ -41,11 +42,13 @@ def soak(opts: Options, mgmt: ManagementApi, vhost: str, data_dir: Path) -> dict
         progress,
         BrokerRestart(opts.broker_restart_cmd, vhost),
         mgmt,
+        rng,
+        NodeOutages(infra.cluster, opts.scale.node_down_s, rng) if infra.cluster else None,
     )
     try:
         if probe.depths([]) is None:
             raise ChaosError(f"cannot reach RabbitMQ at {redact(url)} over AMQP")
-        say("starting the orchestrator, inventory, payment and order ...")
+        say(f"starting {', '.join(supervisor.services)} ...")
         supervisor.start()
         say(f"[{time.monotonic() - started:7.1f}s] stack ready; placing {opts.sagas} orders")
         chaos.start()
@@ -62,7 +65,7 @@ def soak(opts: Options, mgmt: ManagementApi, vhost: str, data_dir: Path) -> dict
         queues = check_queues(mgmt, vhost, probe, quiet_since, snap.outbox)
         checks = [*audit(opts, snap, set(placed)), queues]
         return build_report(
-            opts, vhost, data_dir, orders, snap, load, drained, chaos, supervisor, checks
+            opts, infra, vhost, data_dir, orders, snap, load, drained, chaos, supervisor, checks
         )
     finally:
         chaos.stop()

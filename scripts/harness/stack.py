@@ -61,6 +61,13 @@ class Stack:
         self.services[name] = process
         return process
 
+    def own_data_dir(self, name: str) -> dict[str, str]:
+        """SAGA_DATA_DIR=<data_dir>/<name>, made: each replica of a service on a shared store
+        needs a directory of its own (its health file)."""
+        own = self.data_dir / name
+        own.mkdir(exist_ok=True)
+        return {"SAGA_DATA_DIR": str(own)}
+
     def start(
         self,
         name: str,

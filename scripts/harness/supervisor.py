@@ -1,7 +1,9 @@
-"""The soak's stack: four service processes, restarted whenever they exit, killed when told."""
+"""The soak's stack: the service processes (replicas too), restarted whenever they exit, and
+killed when told."""
 
 from __future__ import annotations
 
+import random
 import signal
 import threading
 import time
@@ -30,6 +32,7 @@ class Service:
     """One service process and what happened to it: starts, kills, crashes."""
 
     process: Process
+    role: str  # "orchestrator" or a participant: what the replicas of one service share
     starts: int = 0
     kills: int = 0
     crashes: int = 0
@@ -58,7 +61,7 @@ class Service:
     def ready(self) -> bool:
         """The current process has logged that it consumes its queue(s)."""
         if not self._ready and self.running():
-            self._ready = f"{self.name} ready: consuming" in self.process.output(since_start=True)
+            self._ready = f"{self.role} ready: consuming" in self.process.output(since_start=True)
         return self._ready and self.running()
 
     def kill(self) -> None:
@@ -124,14 +127,23 @@ class Supervisor:
                     if service.due(now):
                         service.spawn()
 
-    def kill(self, name: str) -> bool:
-        """SIGKILL ``name`` if it is up and consuming; False when it is not (yet)."""
+    def kill(self, role: str, rng: random.Random) -> str | None:
+        """SIGKILL a replica of ``role`` that is up and consuming; its name, or None if none is.
+
+        Of those, one killed the fewest times so far, so that every replica gets its turn.
+        """
         with self._lock:
-            service = self.services[name]
-            if not service.ready():
-                return False
+            ready = [s for s in self.services.values() if s.role == role and s.ready()]
+            if not ready:
+                return None
+            fewest = min(s.kills for s in ready)
+            service = rng.choice([s for s in ready if s.kills == fewest])
             service.kill()
-            return True
+            return service.name
+
+    def of_role(self, role: str) -> list[Service]:
+        """The replicas of ``role``."""
+        return [s for s in self.services.values() if s.role == role]
 
     def all_ready(self) -> bool:
         with self._lock:
@@ -145,8 +157,16 @@ class Supervisor:
         Processes({name: s.process for name, s in self.services.items()}).stop(10)
 
 
+def replica_names(role: str, count: int) -> list[str]:
+    """``role`` alone, or ``role-1``, ``role-2``... for several replicas."""
+    return [role] if count == 1 else [f"{role}-{i}" for i in range(1, count + 1)]
+
+
 def build_services(opts: Options, stack: Stack) -> list[Service]:
-    """The orchestrator and the faulty participants."""
+    """The orchestrator(s) and the faulty participants (every replica seeded alike).
+
+    On PostgreSQL each process has a data directory of its own (for its health file).
+    """
     stock = ",".join(f"{sku}={n}" for sku, n in seeded_stock(opts).items())
     limits = ",".join(f"{c}={limit}" for c, limit in LIMITS.items())
     options = {
@@ -154,16 +174,27 @@ def build_services(opts: Options, stack: Stack) -> list[Service]:
         "payment": ("--limit", limits),
         "order": ("--block", BLOCKED_CUSTOMER),
     }
-    services = [Service(stack.process("orchestrator", "orchestrator", "run"))]
+
+    def own(name: str) -> dict[str, str]:
+        return stack.own_data_dir(name) if opts.scale.postgres_url else {}
+
+    services = [
+        Service(stack.process(name, "orchestrator", "run", **own(name)), "orchestrator")
+        for name in replica_names("orchestrator", opts.scale.orchestrators)
+    ]
     faults = fault_env(opts)
+    argv = {p: ("workers", "run", p, *options[p]) for p in PARTICIPANTS}
     services += [
-        Service(stack.process(p, "workers", "run", p, *options[p], **faults)) for p in PARTICIPANTS
+        Service(stack.process(name, *argv[p], **own(name), **faults), p)
+        for p in PARTICIPANTS
+        for name in replica_names(p, opts.scale.replicas)
     ]
     return services
 
 
-def soak_stack(url: str, data_dir: Path) -> Stack:
-    """The stack the soak drives: the soak's settings over the user's other SAGA_* ones."""
+def soak_stack(url: str, data_dir: Path, env: dict[str, str]) -> Stack:
+    """The stack the soak drives: the soak's settings (and ``env``) over the user's SAGA_*."""
     # Its own session: a Ctrl-C is the soak's to handle. Not die_with_parent: the supervisor
     # restarts services from a thread, where preexec_fn is not safe.
-    return Stack(url, data_dir, dict(SERVICE_SETTINGS), inherit_settings=True, own_session=True)
+    settings = {**SERVICE_SETTINGS, **env}
+    return Stack(url, data_dir, settings, inherit_settings=True, own_session=True)

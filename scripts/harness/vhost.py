@@ -11,9 +11,13 @@ from messages.plumbing.management import ManagementApi
 
 
 def vhost_url(url: str, vhost: str) -> str:
-    """``url`` pointing at ``vhost`` (query parameters such as heartbeat kept)."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), parts.query, ""))
+    """``url`` pointing at ``vhost`` (query parameters such as heartbeat kept).
+
+    Of a list of node URLs (comma-separated, a SAGA_AMQP_URL), each one.
+    """
+    path = "/" + quote(vhost, safe="")
+    nodes = (urlsplit(node.strip()) for node in url.split(","))
+    return ",".join(urlunsplit((p.scheme, p.netloc, path, p.query, "")) for p in nodes)
 
 
 def vhost_of(url: str) -> str:

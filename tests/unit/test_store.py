@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -460,6 +461,31 @@ def test_a_live_orchestrators_rows_are_left_to_it_and_a_dead_ones_taken_over(
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.postgres
+def test_an_orchestrator_starts_while_another_one_is_writing(postgres_url: str) -> None:
+    # Given a store, and another orchestrator in the middle of a transaction that has written
+    # to the outbox (and may write to sagas next)
+    first = PostgresStore(postgres_url)
+    opened: list[PostgresStore] = []
+    starting = threading.Thread(target=lambda: opened.append(PostgresStore(postgres_url)))
+    try:
+        with psycopg.connect(postgres_url) as writer:  # not autocommit: the transaction stays
+            writer.execute("LOCK TABLE outbox IN ROW EXCLUSIVE MODE")  # what an INSERT takes
+
+            # When a second orchestrator starts (a restart beside a live one)
+            starting.start()
+            starting.join(5)
+
+            # Then it opens without waiting for that transaction: the schema is there, so it
+            # takes none of the table locks whose wait deadlocked with the writer's
+            assert opened, "the second orchestrator waited for another one's write"
+            writer.rollback()
+    finally:
+        starting.join(10)
+        for store in [first, *opened]:
+            store.close()
 
 
 @pytest.mark.postgres
