@@ -21,11 +21,12 @@ class PublishFailedError(SagaError):
     """Raised when the broker did not confirm a publish (nack, unroutable or channel lost)."""
 
 
-class StoreUnreachableError(SagaError):
-    """Raised when a service's database did not answer (a restart, a failover, a network cut).
+class StoreTransientError(SagaError):
+    """Raised when a service's database failed for a moment, through no fault of the message.
 
-    The message being handled is not at fault: it is requeued without counting against
-    SAGA_MAX_DELIVERIES, and handled again once the database is back.
+    It did not answer (a restart, a failover, a network cut), or it gave up a transaction to
+    break a deadlock. The message is requeued without counting against SAGA_MAX_DELIVERIES,
+    and handled again once the database is back.
     """
 
 

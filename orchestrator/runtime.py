@@ -44,7 +44,7 @@ from messages.errors import (
     Rejected,
     SagaNotFoundError,
     StoreUnavailableError,
-    StoreUnreachableError,
+    StoreTransientError,
     UnreadableSagaError,
 )
 from messages.plumbing import amqp, tracing
@@ -400,7 +400,7 @@ class Orchestrator:
             return list(
                 self.store.commit_many([(d.state, to_outbox(d)) for d in decisions], confirmed)
             )
-        except StoreUnreachableError as exc:
+        except StoreTransientError as exc:
             # One by one would wait for the database once per decision: fail them all now.
             self._relay.done(confirmed)
             return [exc] * len(decisions)
@@ -490,7 +490,7 @@ class Orchestrator:
             now = self.now()
             try:
                 due = self.store.due(now, limit=DUE_BATCH)
-            except StoreUnreachableError as exc:
+            except StoreTransientError as exc:
                 log.warning("reading due sagas failed (%s); trying again next tick", exc)
                 continue
             except Exception:

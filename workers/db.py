@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import psycopg
 
-from messages.errors import ConfigurationError, StoreUnreachableError
+from messages.errors import ConfigurationError, StoreTransientError
 from messages.plumbing.sqlite import open_sqlite
 
 
@@ -76,7 +76,12 @@ class PostgresDb:
         return db
 
     def execute(self, sql: str, args: Sequence[Any] = (), /) -> Rows:
-        return self._db.execute(_placeholders(sql), args)
+        try:
+            return self._db.execute(_placeholders(sql), args)
+        except psycopg.errors.TransactionRollback as exc:
+            # A deadlock or serialization failure between replicas: the command's savepoint
+            # is rolled back, and the message comes back uncounted.
+            raise StoreTransientError(f"the participant database gave up: {exc}") from exc
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> None:
         with self._db.cursor() as cursor:
@@ -90,7 +95,7 @@ class PostgresDb:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """One transaction; a database that does not answer is StoreUnreachableError.
+        """One transaction; a database that does not answer is StoreTransientError.
 
         A connection that broke (the server restarted, say) is replaced at the next one.
         """
@@ -100,7 +105,7 @@ class PostgresDb:
             with self._db.transaction():
                 yield
         except psycopg.OperationalError as exc:
-            raise StoreUnreachableError(f"the participant database did not answer: {exc}") from exc
+            raise StoreTransientError(f"the participant database did not answer: {exc}") from exc
 
     def close(self) -> None:
         self._db.close()

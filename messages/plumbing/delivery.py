@@ -26,7 +26,7 @@ from messages.errors import (
     DecodeError,
     PublishFailedError,
     Rejected,
-    StoreUnreachableError,
+    StoreTransientError,
 )
 from messages.plumbing import tracing
 from messages.plumbing.logs import saga_context
@@ -316,7 +316,7 @@ class _Consumer:
                 # Broker trouble, not the message's fault: let it come back.
                 log.warning("requeueing %s: %s", delivery.message_id, exc)
                 self.acks.nack(tag)
-            except StoreUnreachableError as exc:
+            except StoreTransientError as exc:
                 # Nor is a database that is away: back to the queue, uncounted, after a pause
                 # so that the messages waiting for it do not spin.
                 log.warning("requeueing %s: %s", delivery.message_id, exc)

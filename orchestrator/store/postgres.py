@@ -29,7 +29,7 @@ from messages.contract.models import SagaStatus
 from messages.errors import (
     ConcurrentUpdateError,
     ConfigurationError,
-    StoreUnreachableError,
+    StoreTransientError,
     UnreadableSagaError,
 )
 from orchestrator.engine import SagaState
@@ -133,7 +133,7 @@ class PostgresStore:
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection; a database that does not answer is StoreUnreachableError.
+        """A pooled connection; a database that does not answer is StoreTransientError.
 
         The pool drops a connection that broke, so the next call connects afresh.
         """
@@ -141,7 +141,7 @@ class PostgresStore:
             with self._pool.connection() as db:
                 yield db
         except psycopg.OperationalError as exc:
-            raise StoreUnreachableError(f"the saga store did not answer: {exc}") from exc
+            raise StoreTransientError(f"the saga store did not answer: {exc}") from exc
 
     def _check_schema(self, url: str) -> None:
         with self._connection() as db:

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from messages.contract.models import ChargePayment, Command, Money, ReleaseStock, ReserveStock
+from messages.errors import StoreTransientError
 from workers import inventory, payment
-from workers.db import Database, open_reader
+from workers.db import Database, open_reader, transaction
 from workers.runtime import Participant, apply_batch, open_db
 
 RETENTION = timedelta(days=1)
@@ -157,3 +158,38 @@ def test_the_same_charge_on_two_replicas_is_taken_once(postgres_database: str) -
     assert again.repeat
     for replica in replicas:
         replica.close()
+
+
+@pytest.mark.postgres
+def test_a_deadlock_between_replicas_is_a_transient_store_error(postgres_database: str) -> None:
+    # Given two inventory replicas and two SKUs
+    a, b = (open_db(Path("unused"), inventory.SCHEMA, postgres_database, "inventory") for _ in "ab")
+    inventory.seed(a, {"sku-1": 5, "sku-2": 5})
+    locked = threading.Barrier(2)
+    caught: list[Exception] = []
+
+    def take(db: Database, first: str, then: str) -> None:
+        try:
+            with transaction(db):
+                db.execute("UPDATE stock SET quantity = quantity - 1 WHERE sku = ?", (first,))
+                locked.wait()
+                db.execute("UPDATE stock SET quantity = quantity - 1 WHERE sku = ?", (then,))
+        except Exception as exc:
+            caught.append(exc)
+
+    # When each locks one SKU, then wants the other's
+    threads = [
+        threading.Thread(target=take, args=(a, "sku-1", "sku-2")),
+        threading.Thread(target=take, args=(b, "sku-2", "sku-1")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Then the database gives one up, and that is a transient error (the message comes back
+    # uncounted), not a failure of the command; the other one committed
+    assert [type(exc) for exc in caught] == [StoreTransientError]
+    assert inventory.current_stock(a) == {"sku-1": 4, "sku-2": 4}
+    a.close()
+    b.close()
