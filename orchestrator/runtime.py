@@ -43,8 +43,8 @@ from messages.errors import (
     ConcurrentUpdateError,
     Rejected,
     SagaNotFoundError,
-    StoreUnavailableError,
     StoreTransientError,
+    StoreUnavailableError,
     UnreadableSagaError,
 )
 from messages.plumbing import amqp, tracing
