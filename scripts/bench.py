@@ -68,6 +68,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1,
         help="--start-stack: processes of each participant (more than 1 needs --postgres-url)",
     )
+    parser.add_argument(
+        "--queue-type",
+        choices=("classic", "quorum"),
+        default="classic",
+        help="--start-stack: SAGA_QUEUE_TYPE of the started services (quorum on a cluster: "
+        "give --url the comma-separated URLs of its nodes)",
+    )
     parser.add_argument("--count", type=int, default=1000, help="closed loop: sagas to measure")
     parser.add_argument(
         "--concurrency", type=int, default=16, help="closed loop: sagas in flight at once"
@@ -210,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.orchestrators,
             args.replicas,
             args.postgres_url,
+            args.queue_type,
         )
         if args.start_stack
         else None

@@ -104,6 +104,9 @@ async def wait_ready(connection: AbstractConnection, stack: BenchStack) -> float
 
 
 async def bench(args: argparse.Namespace, url: str, stack: BenchStack | None) -> dict[str, Any]:
+    """One bench run; ``url`` may list a cluster's nodes, which the started stack is given."""
+    nodes = url.split(",")
+    url = nodes[0]  # the bench's own clients talk to the first node; the cluster does the rest
     connection = await connect(url, "bench")
     async with connection:
         result: dict[str, Any] = {
@@ -125,7 +128,8 @@ async def bench(args: argparse.Namespace, url: str, stack: BenchStack | None) ->
             first = pids.get("orchestrator", pids.get("orchestrator-1", 0))
             rss["start"] = rss_kib(first)
             status(args, f"stack ready: {pids} data in {stack.data_dir}")
-        broker = local_broker_pid(url)
+        # One local node's CPU; a cluster's is spread over nodes this does not attribute.
+        broker = local_broker_pid(url) if len(nodes) == 1 else None
         if broker is not None:
             pids["rabbitmq"] = broker
 
@@ -307,6 +311,7 @@ def params_of(args: argparse.Namespace) -> dict[str, Any]:
         "orchestrators": args.orchestrators,
         "replicas": args.replicas,
         "store": "postgresql" if args.postgres_url else "sqlite",
+        "queue_type": args.queue_type,
         "sku": args.sku,
     }
     if args.rate is not None:

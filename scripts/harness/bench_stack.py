@@ -35,16 +35,17 @@ class BenchStack:
     orchestrators: int = 1
     replicas: int = 1  # of each participant
     postgres_url: str | None = None
+    queue_type: str = "classic"
     data_dir: Path | None = None
     processes: Processes = field(default_factory=Processes)
     database: str | None = None  # the bench's own, on postgres_url
 
     def start(self) -> None:
         self.data_dir = Path(tempfile.mkdtemp(prefix="saga-bench-", dir=self.parent_dir))
-        env = {}
+        env = {"SAGA_QUEUE_TYPE": self.queue_type}
         if self.postgres_url:
             url = self._create_database(self.postgres_url)
-            env = {"SAGA_STORE_URL": url, "SAGA_PARTICIPANT_DB_URL": url}
+            env |= {"SAGA_STORE_URL": url, "SAGA_PARTICIPANT_DB_URL": url}
         # Its own session (Ctrl-C reaches the bench, which stops them) and SIGTERMed should
         # the bench die; readiness is read from the queues' consumers (see wait_ready).
         stack = Stack(

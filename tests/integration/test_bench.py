@@ -83,7 +83,7 @@ def test_bench_scales_out_on_postgresql_and_counts_each_process(
     done = run_bench(
         *("--url", amqp_url, "--start-stack", "--count", "40", "--concurrency", "8"),
         *("--postgres-url", POSTGRES_URL, "--orchestrators", "2", "--replicas", "2"),
-        *("--json", "--data-dir", str(tmp_path)),
+        *("--queue-type", "quorum", "--json", "--data-dir", str(tmp_path)),
     )
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     result: dict[str, Any] = json.loads(done.stdout)
@@ -91,7 +91,7 @@ def test_bench_scales_out_on_postgresql_and_counts_each_process(
     # Then every saga finished, and CPU is reported per process and summed per role
     assert result["finished"] == 40 and result["outcomes"]["TIMED_OUT"] == 0
     assert (result["params"]["orchestrators"], result["params"]["replicas"]) == (2, 2)
-    assert result["params"]["store"] == "postgresql"
+    assert (result["params"]["store"], result["params"]["queue_type"]) == ("postgresql", "quorum")
     by_process = result["cpu_ms_per_saga_by_process"]
     assert {"orchestrator-1", "orchestrator-2", "inventory-1", "inventory-2"} <= set(by_process)
     per_role = result["cpu_ms_per_saga"]
