@@ -78,7 +78,7 @@ class PostgresDb:
     def execute(self, sql: str, args: Sequence[Any] = (), /) -> Rows:
         try:
             return self._db.execute(_placeholders(sql), args)
-        except psycopg.errors.TransactionRollback as exc:
+        except (psycopg.errors.TransactionRollback, psycopg.errors.DeadlockDetected) as exc:
             # A deadlock or serialization failure between replicas: the command's savepoint
             # is rolled back, and the message comes back uncounted.
             raise StoreTransientError(f"the participant database gave up: {exc}") from exc
