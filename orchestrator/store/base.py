@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -135,6 +136,39 @@ class SagaStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class SqlStore(ABC):
+    """What both stores do alike over their own SQL: read a saga back, commit one change."""
+
+    readonly: bool  # a reader (the CLI) reports an unreadable saga; only a writer sets it aside
+
+    @abstractmethod
+    def commit_many(
+        self,
+        changes: Sequence[tuple[SagaState, Sequence[OutboxMessage]]],
+        published: Sequence[int] = (),
+    ) -> list[list[OutboxMessage]]: ...
+
+    @abstractmethod
+    def quarantine(self, saga_id: UUID, why: str) -> None: ...
+
+    def commit(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> SagaState:
+        self.commit_many([(state, outbox)])
+        return state.model_copy(update={"version": state.version + 1})
+
+    def loaded(self, saga_id: UUID, row: Sequence[Any] | None) -> SagaState | None:
+        """The saga in a (state, status) row; None when there is no row."""
+        if row is None:
+            return None
+        if row[1] == SagaStatus.QUARANTINED:
+            raise UnreadableSagaError(f"saga {saga_id} is quarantined")
+        try:
+            return load(saga_id, row[0])
+        except UnreadableSagaError as exc:
+            if not self.readonly:
+                self.quarantine(saga_id, str(exc))
+            raise
 
 
 OUTBOX_COLUMNS = (

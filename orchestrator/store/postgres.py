@@ -38,6 +38,7 @@ from orchestrator.store.base import (
     OUTBOX_COLUMNS,
     OutboxMessage,
     SagaStats,
+    SqlStore,
     load,
     outbox_row,
     outbox_values,
@@ -92,14 +93,14 @@ CREATE TABLE IF NOT EXISTS orchestrators (
 _RELATIONS = re.findall(r"IF NOT EXISTS (\w+)", _SCHEMA)
 
 
-class PostgresStore:
+class PostgresStore(SqlStore):
     """SagaStore on a PostgreSQL database that several orchestrators may share."""
 
     shared = True
 
     def __init__(self, url: str, *, readonly: bool = False, pool_size: int = 4) -> None:
         self.owner = uuid.uuid4().hex
-        self._readonly = readonly
+        self.readonly = readonly
         # Autocommit: reads see the latest commit and hold nothing open; writes are explicit
         # transactions.
         self._pool = ConnectionPool(
@@ -162,20 +163,7 @@ class PostgresStore:
             row = db.execute(
                 "SELECT state, status FROM sagas WHERE saga_id = %s", (saga_id,)
             ).fetchone()
-        if row is None:
-            return None
-        if row[1] == SagaStatus.QUARANTINED:
-            raise UnreadableSagaError(f"saga {saga_id} is quarantined")
-        try:
-            return load(saga_id, row[0])
-        except UnreadableSagaError as exc:
-            if not self._readonly:
-                self.quarantine(saga_id, str(exc))
-            raise
-
-    def commit(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> SagaState:
-        self.commit_many([(state, outbox)])
-        return state.model_copy(update={"version": state.version + 1})
+        return self.loaded(saga_id, row)
 
     def commit_many(
         self,
@@ -366,7 +354,7 @@ class PostgresStore:
         )
 
     def close(self) -> None:
-        if not self._readonly:
+        if not self.readonly:
             try:  # let the others take over this one's rows at once, not after the lease
                 with self._pool.connection(timeout=2) as db:
                     db.execute("DELETE FROM orchestrators WHERE owner = %s", (self.owner,))

@@ -21,6 +21,7 @@ from orchestrator.store.base import (
     OUTBOX_COLUMNS,
     OutboxMessage,
     SagaStats,
+    SqlStore,
     load,
     outbox_row,
     outbox_values,
@@ -62,7 +63,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
-class SqliteStore:
+class SqliteStore(SqlStore):
     """SagaStore in one SQLite file.
 
     Two connections: writes go through one, under a lock, from whichever thread commits
@@ -73,6 +74,7 @@ class SqliteStore:
     shared = False  # the lock file makes this process the store's only writer
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.readonly = readonly
         self._lock = None if readonly else _lock_exclusively(path)
         self.owner = uuid.uuid4().hex  # rows of an earlier run have another owner
         self._db = open_sqlite(path, readonly=readonly, any_thread=True)
@@ -92,20 +94,7 @@ class SqliteStore:
         row = self._read.execute(
             "SELECT state, status FROM sagas WHERE saga_id = ?", (str(saga_id),)
         ).fetchone()
-        if row is None:
-            return None
-        if row[1] == SagaStatus.QUARANTINED:
-            raise UnreadableSagaError(f"saga {saga_id} is quarantined")
-        try:
-            return load(saga_id, row[0])
-        except UnreadableSagaError as exc:
-            if self._lock is not None:  # only the writer quarantines; readers just report
-                self.quarantine(saga_id, str(exc))
-            raise
-
-    def commit(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> SagaState:
-        self.commit_many([(state, outbox)])
-        return state.model_copy(update={"version": state.version + 1})
+        return self.loaded(saga_id, row)
 
     def commit_many(
         self,
