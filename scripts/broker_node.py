@@ -18,28 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.harness.rabbit_node import NodeError, PrivateNode
+from scripts.harness.rabbit_node import NodeError, PrivateNode, Remembered
 
-LAST = Path(tempfile.gettempdir()) / "saga-broker-node.last"
-
-
-def node_dir(args: argparse.Namespace) -> str:
-    chosen: str | None = args.node_dir or os.environ.get("SAGA_BROKER_NODE_DIR")
-    if chosen:
-        return chosen
-    try:
-        return LAST.read_text().strip()
-    except OSError:
-        raise NodeError(
-            "which node? give --node-dir or SAGA_BROKER_NODE_DIR, or `start` one"
-        ) from None
+LAST = Remembered(
+    "SAGA_BROKER_NODE_DIR",
+    Path(tempfile.gettempdir()) / "saga-broker-node.last",
+    "node",
+    "--node-dir",
+)
 
 
 def describe(node: PrivateNode) -> dict[str, object]:
@@ -77,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "start":
             node = PrivateNode.create(management=args.management, name=args.name)
             node.start(timeout=args.timeout)
-            LAST.write_text(str(node.base_dir) + "\n")
+            LAST.remember(node.base_dir)
             print(json.dumps(describe(node), indent=2))
             return 0
-        node = PrivateNode.load(node_dir(args))
+        node = PrivateNode.load(LAST.find(args.node_dir))
         if args.command == "status":
             info = describe(node)
             if info["up"]:
@@ -97,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(describe(node), indent=2))
         elif args.command == "stop":
             node.stop()
-            if LAST.exists() and LAST.read_text().strip() == str(node.base_dir):
-                LAST.unlink()
+            LAST.forget(node.base_dir)
             print(f"stopped {node.name}, removed {node.base_dir}")
         elif args.command == "ctl":
             sys.stdout.write(node.ctl(*args.ctl_args))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -27,21 +26,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.harness.rabbit_cluster import PrivateCluster
-from scripts.harness.rabbit_node import NodeError
+from scripts.harness.rabbit_node import NodeError, Remembered
 
-LAST = Path(tempfile.gettempdir()) / "saga-cluster.last"
-
-
-def cluster_dir(args: argparse.Namespace) -> str:
-    chosen: str | None = args.cluster_dir or os.environ.get("SAGA_CLUSTER_DIR")
-    if chosen:
-        return chosen
-    try:
-        return LAST.read_text().strip()
-    except OSError:
-        raise NodeError(
-            "which cluster? give --cluster-dir or SAGA_CLUSTER_DIR, or `start` one"
-        ) from None
+LAST = Remembered(
+    "SAGA_CLUSTER_DIR",
+    Path(tempfile.gettempdir()) / "saga-cluster.last",
+    "cluster",
+    "--cluster-dir",
+)
 
 
 def describe(cluster: PrivateCluster) -> dict[str, object]:
@@ -78,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "start":
             cluster = PrivateCluster.create(size=args.nodes, management=args.management)
             cluster.start(timeout=args.timeout)
-            LAST.write_text(str(cluster.base_dir) + "\n")
+            LAST.remember(cluster.base_dir)
             print(json.dumps(describe(cluster), indent=2))
             return 0
-        cluster = PrivateCluster.load(cluster_dir(args))
+        cluster = PrivateCluster.load(LAST.find(args.cluster_dir))
         if args.command == "status":
             status = cluster.status()
             print(json.dumps({**describe(cluster), **status}, indent=2))
@@ -94,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"started node {args.number} ({cluster.node(args.number).name})")
         elif args.command == "stop":
             cluster.stop()
-            if LAST.exists() and LAST.read_text().strip() == str(cluster.base_dir):
-                LAST.unlink()
+            LAST.forget(cluster.base_dir)
             print(f"stopped {len(cluster.nodes)} nodes, removed {cluster.base_dir}")
         elif args.command == "ctl":
             sys.stdout.write(cluster.node(args.number).ctl(*args.ctl_args))

@@ -48,6 +48,35 @@ class NodeError(RuntimeError):
     """The private node could not be started, controlled or stopped."""
 
 
+@dataclass(frozen=True)
+class Remembered:
+    """Which private node (or cluster) a command works on: the one given, the one named in
+    the environment, else the last one `start` made (kept in a file under $TMPDIR)."""
+
+    env_var: str
+    last: Path
+    what: str  # for the error: "node", "cluster"
+    option: str  # for the error: "--node-dir", ...
+
+    def find(self, given: str | None) -> str:
+        chosen = given or os.environ.get(self.env_var)
+        if chosen:
+            return chosen
+        try:
+            return self.last.read_text().strip()
+        except OSError:
+            raise NodeError(
+                f"which {self.what}? give {self.option} or {self.env_var}, or `start` one"
+            ) from None
+
+    def remember(self, directory: Path) -> None:
+        self.last.write_text(f"{directory}\n")
+
+    def forget(self, directory: Path) -> None:
+        if self.last.exists() and self.last.read_text().strip() == str(directory):
+            self.last.unlink()
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
