@@ -126,7 +126,9 @@ class OutboxRelay:
                 self._ready.clear()
                 try:
                     # Orphans first: if claiming them fails, no retry is left marked in flight.
-                    rows = await self._orphans() + self._due_retries() + self._take(BATCH)
+                    due = time.monotonic() >= self._orphans_at  # no await on the hot path
+                    orphans = await self._orphans() if due else []
+                    rows = orphans + self._due_retries() + self._take(BATCH)
                 except Exception:
                     log.exception("reading the outbox failed; trying again")
                     await asyncio.sleep(self.max_retry_s / 10)
@@ -144,9 +146,7 @@ class OutboxRelay:
                 task.cancel()
 
     async def _orphans(self) -> list[OutboxMessage]:
-        """Rows no live orchestrator holds (claimed for this one), when it is time to look."""
-        if time.monotonic() < self._orphans_at:
-            return []
+        """Rows no live orchestrator holds, claimed for this one."""
         rows = await self.in_writer(functools.partial(self.store.claim_orphans, BATCH))
         if rows:
             log.info("publishing %d outbox message(s) that no live orchestrator holds", len(rows))
