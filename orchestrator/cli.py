@@ -37,7 +37,7 @@ from orchestrator.engine import SAGA, SagaState
 from orchestrator.provision import ProvisionSettings, provision
 from orchestrator.runtime import Orchestrator, definition_from
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.store import SagaStore, open_store
+from orchestrator.store import SagaFilter, SagaStore, open_store, order_fields
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -94,6 +94,9 @@ def build_parser(prog: str = "saga") -> argparse.ArgumentParser:
         help="only sagas waiting SAGA_STUCK_AFTER_S or longer for one reply",
     )
     listing.add_argument("--since", type=_duration, help="only sagas started within, e.g. 10m")
+    listing.add_argument("--reason", help="only sagas whose reason contains this, e.g. declined")
+    listing.add_argument("--customer", help="only this customer's sagas")
+    listing.add_argument("--sku", help="only sagas for this SKU")
     listing.add_argument(
         "--limit", type=_limit, default=50, help="at most this many (default 50; 0: all)"
     )
@@ -218,10 +221,14 @@ def _list(store: SagaStore, args: argparse.Namespace, stuck_after_s: float) -> i
     if args.state is SagaStatus.QUARANTINED:
         return _list_quarantined(store, args)
     now = datetime.now(UTC)
-    since = now - args.since if args.since else None
-    sagas = store.sagas(args.state, args.limit, since)
-    if args.stuck:
-        sagas = [s for s in sagas if s.stuck_for(now, stuck_after_s) is not None]
+    where = SagaFilter(
+        status=args.state,
+        since=now - args.since if args.since else None,
+        stuck_before=now - timedelta(seconds=stuck_after_s) if args.stuck else None,
+        reason=args.reason,
+        input=order_fields(customer_id=args.customer, sku=args.sku),
+    )
+    sagas = store.sagas(where, args.limit)
     if args.json:
         print(json.dumps([_summary(s, now, stuck_after_s) for s in sagas], indent=2))
         return 0

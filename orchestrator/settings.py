@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from messages.contract.topology import PARTICIPANTS
 from messages.plumbing.settings import ServiceSettings
@@ -81,3 +82,45 @@ def parse_users(text: str) -> dict[str, str]:
             raise ValueError(f"{name!r} is not a participant ({', '.join(PARTICIPANTS)})")
         users[name] = user
     return users
+
+
+class WebSettings(OrchestratorSettings):
+    """What `saga web` reads beside the orchestrator's settings (the store, the broker)."""
+
+    web_host: str = Field(
+        default="127.0.0.1",
+        description="Address the console listens on; 0.0.0.0 to reach it from other machines",
+    )
+    web_port: int = Field(default=8080, ge=1, le=65535, description="Port of the console")
+    web_operators: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description='Who may abort and retry, as JSON: {"alice": "password", ...}; '
+        "empty: the console is read-only",
+    )
+    web_secret: SecretStr | None = Field(
+        default=None,
+        description="Key that signs session cookies; unset: a new one at every start, "
+        "which signs every operator out",
+    )
+    management_url: str = Field(
+        default="",
+        description="RabbitMQ management API for the dead-letter queues, e.g. "
+        "http://admin:password@rabbitmq:15672; empty: port 15672 of the first "
+        "SAGA_AMQP_URL host, with its user",
+    )
+    web_refresh_s: float = Field(
+        default=1.0, gt=0, description="How often live pages look for changes in the store"
+    )
+
+    @field_validator("web_operators")
+    @classmethod
+    def _operators(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, password in value.items():
+            if not OPERATOR.fullmatch(name):
+                raise ValueError(f"operator name {name!r}: letters, digits, '.', '_', '-'")
+            if len(password.get_secret_value()) < 8:
+                raise ValueError(f"operator {name!r}: the password needs 8 characters or more")
+        return value
+
+
+OPERATOR = re.compile(r"[A-Za-z0-9._-]{1,64}")

@@ -10,7 +10,7 @@ from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_core import ErrorDetails
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from yarl import URL
 
 from messages.errors import ConfigurationError
@@ -94,7 +94,7 @@ def redact(url: str) -> str:
 
 
 # Settings whose values are never shown, in part or whole.
-_SECRET = re.compile(r"password|secret|token", re.IGNORECASE)
+_SECRET = re.compile(r"password|secret|token|operators", re.IGNORECASE)
 
 
 def _shown(field: str, value: object) -> str:
@@ -126,6 +126,8 @@ def load(cls: type[S]) -> S:
     """
     try:
         return cls()
+    except SettingsError as exc:  # a value that should be JSON (a dict, a list) is not
+        raise ConfigurationError(f"invalid setting: {exc} (expected JSON)") from None
     except ValidationError as exc:
         problems = [_problem(cls, e) for e in exc.errors()]
         if len(problems) == 1:

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from orchestrator.store.base import OutboxMessage, SagaStats, SagaStore
+from orchestrator.store.base import OutboxMessage, SagaFilter, SagaStats, SagaStore, order_fields
 from orchestrator.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
     from orchestrator.settings import OrchestratorSettings
 
-__all__ = ["OutboxMessage", "SagaStats", "SagaStore", "SqliteStore", "open_store"]
+__all__ = [
+    "OutboxMessage",
+    "SagaFilter",
+    "SagaStats",
+    "SagaStore",
+    "SqliteStore",
+    "open_store",
+    "order_fields",
+]
 
 
 def open_store(settings: OrchestratorSettings, *, readonly: bool = False) -> SagaStore:

@@ -37,6 +37,26 @@ class OutboxMessage:
 
 
 @dataclass(frozen=True)
+class SagaFilter:
+    """Which sagas to list; every field left empty matches all of them.
+
+    ``input`` matches fields of the saga's input exactly (``customer_id``, ``sku``);
+    ``reason`` is a case-insensitive part of the saga's reason (``declined``).
+    """
+
+    status: SagaStatus | None = None
+    since: datetime | None = None  # started at or after
+    stuck_before: datetime | None = None  # waiting for one reply since this time or earlier
+    reason: str | None = None
+    input: tuple[tuple[str, str], ...] = ()
+
+
+def order_fields(**fields: str | None) -> tuple[tuple[str, str], ...]:
+    """SagaFilter.input from the fields given a value: order_fields(sku="item-1", ...)."""
+    return tuple((name, value) for name, value in fields.items() if value)
+
+
+@dataclass(frozen=True)
 class SagaStats:
     """Counts and durations over every saga in the store."""
 
@@ -125,9 +145,9 @@ class SagaStore(Protocol):
         """Whether a message is still waiting in the outbox (not yet confirmed)."""
         ...
 
-    def sagas(
-        self, status: SagaStatus | None, limit: int, since: datetime | None = None
-    ) -> list[SagaState]: ...
+    def sagas(self, where: SagaFilter, limit: int, offset: int = 0) -> list[SagaState]:
+        """Sagas ``where`` matches, newest first, skipping ``offset`` of them."""
+        ...
 
     def stats(self) -> SagaStats: ...
 
@@ -152,6 +172,46 @@ class SqlStore(ABC):
 
     @abstractmethod
     def quarantine(self, saga_id: UUID, why: str) -> None: ...
+
+    # How this dialect writes a parameter, and a field of the input in the saga's JSON.
+    MARK: str
+    INPUT_FIELD: str
+
+    @abstractmethod
+    def _select(self, sql: str, args: Sequence[Any]) -> list[Sequence[Any]]:
+        """Rows of a read-only query, on the reading connection."""
+
+    def sagas(self, where: SagaFilter, limit: int, offset: int = 0) -> list[SagaState]:
+        p = self.MARK
+        sql = [f"status != {p}"]  # quarantined ones cannot be read: see quarantined()
+        args: list[object] = [SagaStatus.QUARANTINED.value]
+        if where.status is not None:
+            sql.append(f"status = {p}")
+            args.append(where.status.value)
+        if where.since is not None:
+            sql.append(f"created_at >= {p}")
+            args.append(where.since.timestamp())
+        if where.stuck_before is not None:
+            sql.append(f"waiting_since <= {p}")
+            args.append(where.stuck_before.timestamp())
+        if where.reason:
+            sql.append(f"lower(reason) LIKE {p}")
+            args.append(f"%{where.reason.lower()}%")
+        for field, value in where.input:
+            sql.append(f"{self.INPUT_FIELD} = {p}")
+            args.extend((field, value))
+        rows = self._select(
+            f"SELECT saga_id, state FROM sagas WHERE {' AND '.join(sql)}"
+            f" ORDER BY created_at DESC LIMIT {p} OFFSET {p}",
+            (*args, limit, offset),
+        )
+        listed = []
+        for saga_id, blob in rows:
+            try:
+                listed.append(load(saga_id, blob))
+            except UnreadableSagaError as exc:  # quarantined when an orchestrator meets it
+                log.warning("%s", exc)
+        return listed
 
     def commit(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> SagaState:
         self.commit_many([(state, outbox)])

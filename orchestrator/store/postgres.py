@@ -97,6 +97,8 @@ class PostgresStore(SqlStore):
     """SagaStore on a PostgreSQL database that several orchestrators may share."""
 
     shared = True
+    MARK = "%s"
+    INPUT_FIELD = "(state::json -> 'input' ->> %s)"
 
     def __init__(self, url: str, *, readonly: bool = False, pool_size: int = 4) -> None:
         self.owner = uuid.uuid4().hex
@@ -300,30 +302,9 @@ class PostgresStore(SqlStore):
         found = self._one("SELECT 1 FROM outbox WHERE message_id = %s LIMIT 1", (message_id,))
         return found is not None
 
-    def sagas(
-        self, status: SagaStatus | None, limit: int, since: datetime | None = None
-    ) -> list[SagaState]:
-        where = ["status != %s"]  # quarantined ones cannot be read: see quarantined()
-        args: list[object] = [SagaStatus.QUARANTINED.value]
-        if status is not None:
-            where.append("status = %s")
-            args.append(status.value)
-        if since is not None:
-            where.append("created_at >= %s")
-            args.append(since.timestamp())
+    def _select(self, sql: str, args: Sequence[Any]) -> list[Sequence[Any]]:
         with self._connection() as db:
-            rows = db.execute(
-                f"SELECT saga_id, state FROM sagas WHERE {' AND '.join(where)}"
-                " ORDER BY created_at DESC LIMIT %s",
-                (*args, limit),
-            ).fetchall()
-        listed = []
-        for saga_id, blob in rows:
-            try:
-                listed.append(load(saga_id, blob))
-            except UnreadableSagaError as exc:  # quarantined when an orchestrator meets it
-                log.warning("%s", exc)
-        return listed
+            return list(db.execute(sql, args).fetchall())
 
     def counts(self) -> dict[str, int]:
         with self._connection() as db:

@@ -72,6 +72,8 @@ class SqliteStore(SqlStore):
     """
 
     shared = False  # the lock file makes this process the store's only writer
+    MARK = "?"
+    INPUT_FIELD = "json_extract(state, '$.input.' || ?)"
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.readonly = readonly
@@ -225,31 +227,8 @@ class SqliteStore(SqlStore):
         row = self._read.execute("SELECT 1 FROM outbox WHERE message_id = ? LIMIT 1", (message_id,))
         return row.fetchone() is not None
 
-    def sagas(
-        self, status: SagaStatus | None, limit: int, since: datetime | None = None
-    ) -> list[SagaState]:
-        where: list[str] = []
-        args: list[object] = []
-        if status is not None:
-            where.append("status = ?")
-            args.append(status.value)
-        if since is not None:
-            where.append("created_at >= ?")
-            args.append(since.timestamp())
-        where.append("status != ?")  # quarantined ones cannot be read: see quarantined()
-        args.append(SagaStatus.QUARANTINED.value)
-        clause = f" WHERE {' AND '.join(where)}"
-        rows = self._read.execute(
-            f"SELECT saga_id, state FROM sagas{clause} ORDER BY created_at DESC LIMIT ?",
-            (*args, limit),
-        )
-        listed = []
-        for saga_id, blob in rows:
-            try:
-                listed.append(load(saga_id, blob))
-            except UnreadableSagaError as exc:  # quarantined when the orchestrator meets it
-                log.warning("%s", exc)
-        return listed
+    def _select(self, sql: str, args: Sequence[object]) -> list[Sequence[object]]:
+        return list(self._read.execute(sql, args))
 
     def counts(self) -> dict[str, int]:
         return dict(self._read.execute("SELECT status, count(*) FROM sagas GROUP BY status"))

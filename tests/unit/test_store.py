@@ -43,7 +43,7 @@ from orchestrator.engine import (
     on_reply,
     start,
 )
-from orchestrator.store import OutboxMessage, SagaStore, SqliteStore
+from orchestrator.store import OutboxMessage, SagaFilter, SagaStore, SqliteStore, order_fields
 from orchestrator.store.postgres import PostgresStore
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -362,7 +362,7 @@ def test_an_unreadable_saga_is_quarantined_and_the_others_go_on(
     assert store.counts()[SagaStatus.QUARANTINED] == 1
     # and it is not handed out again, listed as a saga, or counted as stuck
     assert [s.saga_id for s in store.due(later, 10)] == [good.saga_id]
-    assert [s.saga_id for s in store.sagas(None, 10)] == [good.saga_id]
+    assert [s.saga_id for s in store.sagas(SagaFilter(), 10)] == [good.saga_id]
     assert store.stuck(later, after_s=300) == 1
     with pytest.raises(UnreadableSagaError, match=str(bad.saga_id)):
         store.get(bad.saga_id)
@@ -548,8 +548,8 @@ def test_a_readonly_store_reads_what_the_service_wrote(tmp_path: Path, directory
     reader = SqliteStore(db_path, readonly=True)
     try:
         assert reader.get(stored.saga_id) == stored
-        assert reader.sagas(SagaStatus.RUNNING, 10) == [stored]
-        assert reader.sagas(SagaStatus.COMPLETED, 10) == []
+        assert reader.sagas(SagaFilter(SagaStatus.RUNNING), 10) == [stored]
+        assert reader.sagas(SagaFilter(SagaStatus.COMPLETED), 10) == []
         assert reader.outbox_depth() == 1
     finally:
         reader.close()
@@ -578,7 +578,7 @@ def test_a_readonly_postgres_store_reads_and_says_when_there_is_none(postgres_ur
     reader = PostgresStore(postgres_url, readonly=True)
     try:
         assert reader.get(stored.saga_id) == stored
-        assert reader.sagas(SagaStatus.RUNNING, 10) == [stored]
+        assert reader.sagas(SagaFilter(SagaStatus.RUNNING), 10) == [stored]
     finally:
         reader.close()
         writer.close()
@@ -591,17 +591,45 @@ def test_sagas_lists_newest_first_and_filters_by_status(store: SagaStore) -> Non
     done = answer(first, ok=False, at=T0 + timedelta(minutes=3))
     compensated = store.commit(done.state, [])
 
-    assert [s.saga_id for s in store.sagas(None, 10)] == [
+    assert [s.saga_id for s in store.sagas(SagaFilter(), 10)] == [
         compensated.saga_id,
         newer.saga_id,
         older.saga_id,
     ]
-    assert [s.saga_id for s in store.sagas(SagaStatus.RUNNING, 10)] == [
+    assert [s.saga_id for s in store.sagas(SagaFilter(SagaStatus.RUNNING), 10)] == [
         newer.saga_id,
         older.saga_id,
     ]
-    assert [s.saga_id for s in store.sagas(SagaStatus.COMPENSATED, 10)] == [compensated.saga_id]
-    assert len(store.sagas(None, 2)) == 2
+    compensated_only = store.sagas(SagaFilter(SagaStatus.COMPENSATED), 10)
+    assert [s.saga_id for s in compensated_only] == [compensated.saga_id]
+    assert len(store.sagas(SagaFilter(), 2)) == 2
+
+
+def test_sagas_filter_by_reason_input_stuck_and_age_and_page(store: SagaStore) -> None:
+    """What `saga list` and the console filter on, done by the store, then paged."""
+    first = started(T0)
+    declined = store.commit(answer(first, ok=False, at=T0 + timedelta(seconds=1)).state, [])
+    other = start(SAGA, place_order().model_copy(update={"sku": "SKU-2"}), "amq.gen-r", T0)
+    waiting = store.commit(other.state, [])  # waiting since T0 for ReserveStock
+    recent = store.commit(started(T0 + timedelta(minutes=10)).state, [])
+
+    def ids(where: SagaFilter, limit: int = 10, offset: int = 0) -> list[UUID]:
+        return [s.saga_id for s in store.sagas(where, limit, offset)]
+
+    assert ids(SagaFilter(reason="NO")) == [declined.saga_id]  # any case, part of the reason
+    assert ids(SagaFilter(reason="declined")) == []
+    assert ids(SagaFilter(input=order_fields(sku="SKU-2"))) == [waiting.saga_id]
+    assert ids(SagaFilter(input=order_fields(customer_id="cust-42", sku="SKU-1"))) == [
+        recent.saga_id,
+        declined.saga_id,
+    ]
+    assert ids(SagaFilter(input=order_fields(customer_id="cust-7"))) == []
+    stuck_before = T0 + timedelta(minutes=5)
+    assert ids(SagaFilter(stuck_before=stuck_before)) == [waiting.saga_id]
+    assert ids(SagaFilter(since=T0 + timedelta(minutes=1))) == [recent.saga_id]
+    everything = ids(SagaFilter())
+    assert len(everything) == 3
+    assert ids(SagaFilter(), limit=2) + ids(SagaFilter(), limit=2, offset=2) == everything
 
 
 # The sagas table as the previous version created it: no waiting_since column.

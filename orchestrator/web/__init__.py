@@ -1,0 +1,1 @@
+"""`saga web`: the operators' console in a browser."""
