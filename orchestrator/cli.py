@@ -33,8 +33,8 @@ from messages.plumbing.service import run_service
 from messages.plumbing.settings import load
 from messages.plumbing.timeline import format_timeline, render_result
 from orchestrator.definition import as_text
-from orchestrator.engine import SAGA, SagaState
 from orchestrator.provision import ProvisionSettings, provision
+from orchestrator.report import age, current_step, seconds_text, summary
 from orchestrator.runtime import Orchestrator, definition_from
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.store import SagaFilter, SagaStore, open_store, order_fields
@@ -186,37 +186,6 @@ def _run(settings: OrchestratorSettings) -> int:
 # --- reading -----------------------------------------------------------------------------------
 
 
-def _current_step(state: SagaState) -> str:
-    steps = [e.step for e in state.history if e.step != SAGA]
-    return steps[-1] if steps else "-"
-
-
-def _age(state: SagaState, now: datetime) -> str:
-    return _seconds((now - state.created_at).total_seconds())
-
-
-def _seconds(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"  # 92 s is "1m", not "2m": never more
-    return f"{int(seconds)}s"
-
-
-def _summary(state: SagaState, now: datetime, stuck_after_s: float) -> dict[str, object]:
-    stuck_for = state.stuck_for(now, stuck_after_s)
-    return {
-        "saga_id": str(state.saga_id),
-        "saga": state.saga,
-        "status": state.status.value,
-        "step": _current_step(state),
-        "reason": state.outcome,
-        "stuck_for_s": None if stuck_for is None else round(stuck_for, 1),
-        "input": state.input,
-        "created_at": state.created_at.isoformat(),
-        "updated_at": state.updated_at.isoformat(),
-    }
-
-
 def _list(store: SagaStore, args: argparse.Namespace, stuck_after_s: float) -> int:
     if args.state is SagaStatus.QUARANTINED:
         return _list_quarantined(store, args)
@@ -230,7 +199,7 @@ def _list(store: SagaStore, args: argparse.Namespace, stuck_after_s: float) -> i
     )
     sagas = store.sagas(where, args.limit)
     if args.json:
-        print(json.dumps([_summary(s, now, stuck_after_s) for s in sagas], indent=2))
+        print(json.dumps([summary(s, now, stuck_after_s) for s in sagas], indent=2))
         return 0
     if not sagas:
         print("no sagas")
@@ -238,9 +207,9 @@ def _list(store: SagaStore, args: argparse.Namespace, stuck_after_s: float) -> i
     print(f"{'SAGA ID':<36}  {'STATE':<12}  {'STEP':<15}  {'AGE':>5}  {'STUCK':>5}  LAST ERROR")
     for s in sagas:
         stuck_for = s.stuck_for(now, stuck_after_s)
-        stuck = "-" if stuck_for is None else _seconds(stuck_for)
+        stuck = "-" if stuck_for is None else seconds_text(stuck_for)
         print(
-            f"{s.saga_id!s:<36}  {s.status:<12}  {_current_step(s):<15}  {_age(s, now):>5}  "
+            f"{s.saga_id!s:<36}  {s.status:<12}  {current_step(s):<15}  {age(s, now):>5}  "
             f"{stuck:>5}  {s.outcome or ''}"
         )
     return 0
@@ -284,7 +253,7 @@ def _show(store: SagaStore, args: argparse.Namespace, settings: OrchestratorSett
     stuck_for = state.stuck_for(datetime.now(UTC), stuck_after_s)
     if stuck_for is not None:
         print(
-            f"stuck: waiting {_seconds(stuck_for)} for one reply, attempt {state.attempt} "
+            f"stuck: waiting {seconds_text(stuck_for)} for one reply, attempt {state.attempt} "
             f"(saga abort {state.saga_id} --reason ... if it must stop)"
         )
     print(format_timeline(state.history))
@@ -334,8 +303,8 @@ def _stats(store: SagaStore, args: argparse.Namespace, stuck_after_s: float) -> 
     if report["outbox"]:
         print(f"outbox:     {report['outbox']} message(s) not yet confirmed by the broker")
     if oldest is not None:
-        age = _age(oldest, datetime.now(UTC))
-        print(f"oldest in flight: {oldest.saga_id}, {oldest.status}, {age} old")
+        oldest_age = age(oldest, datetime.now(UTC))
+        print(f"oldest in flight: {oldest.saga_id}, {oldest.status}, {oldest_age} old")
     return 0
 
 

@@ -7,12 +7,17 @@ import json
 import urllib.error
 import urllib.request
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
 from yarl import URL
 
 from messages.errors import ConfigurationError
 from messages.plumbing.settings import first_amqp_url, redact
+
+
+def vhost_of(amqp_url: str) -> str:
+    """The vhost an AMQP URL names ("/" when it names none); of a list, the first node's."""
+    return unquote(urlsplit(first_amqp_url(amqp_url)).path.lstrip("/")) or "/"
 
 
 class ManagementApi:
@@ -29,8 +34,16 @@ class ManagementApi:
         """With the AMQP URL's credentials; by default on port 15672 of the broker's host.
 
         Of a list of node URLs, the first: a cluster's nodes share users and vhosts.
+        ``base_url`` may carry credentials of its own (http://admin:pw@host:15672): they
+        are used instead of the AMQP URL's.
         """
         url = URL(first_amqp_url(amqp_url))
+        if base_url and (given := URL(base_url)).user:
+            return cls(
+                str(given.with_user(None)),
+                unquote(given.user or ""),
+                unquote(given.password or ""),
+            )
         return cls(
             base_url or f"http://{url.host}:15672",
             unquote(url.user or "guest"),
@@ -77,6 +90,16 @@ class ManagementApi:
         """The queues of ``vhost`` with their statistics, by name."""
         rows = self.call("GET", f"queues/{quote(vhost, safe='')}")
         return {row["name"]: row for row in rows or []}
+
+    def peek(self, vhost: str, queue: str, count: int) -> list[dict[str, Any]]:
+        """Up to ``count`` messages from the head of ``queue``, put back where they were.
+
+        As the management UI's "Get messages" does: they are requeued, so their order stays
+        and they are marked redelivered.
+        """
+        body = {"count": count, "ackmode": "ack_requeue_true", "encoding": "auto", "truncate": 4096}
+        path = f"queues/{quote(vhost, safe='')}/{quote(queue, safe='')}/get"
+        return list(self.call("POST", path, body) or [])
 
     def connections(self, vhost: str) -> list[dict[str, Any]]:
         """The client connections open on ``vhost``."""

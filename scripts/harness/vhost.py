@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from messages.plumbing.management import ManagementApi
 
@@ -18,11 +18,6 @@ def vhost_url(url: str, vhost: str) -> str:
     path = "/" + quote(vhost, safe="")
     nodes = (urlsplit(node.strip()) for node in url.split(","))
     return ",".join(urlunsplit((p.scheme, p.netloc, path, p.query, "")) for p in nodes)
-
-
-def vhost_of(url: str) -> str:
-    """The vhost an AMQP URL names ("/" when it names none)."""
-    return unquote(urlsplit(url).path.lstrip("/")) or "/"
 
 
 def management_for(url: str, management_url: str | None = None) -> ManagementApi:

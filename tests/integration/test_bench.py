@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 import psycopg
 import pytest
 
+from messages.plumbing.management import vhost_of
 from tests.conftest import POSTGRES_URL
 from tests.integration.broker import Broker
 from tests.integration.stack import Stack
@@ -120,10 +121,6 @@ def script(name: str) -> ModuleType:
     sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
-
-
-def vhost_of(amqp_url: str) -> str:
-    return unquote(urlsplit(amqp_url).path.lstrip("/"))
 
 
 @pytest.mark.broker

@@ -34,7 +34,7 @@ from orchestrator.definition import input_of
 from orchestrator.engine import SagaState, start
 from orchestrator.runtime import definition_from, to_outbox
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.store import SqliteStore
+from orchestrator.store import SagaFilter, SqliteStore
 from workers import inventory, payment
 from workers.runtime import Failed, Succeeded, open_db
 
@@ -158,7 +158,7 @@ def test_a_read_only_store_still_sees_what_a_running_writer_commits(tmp_path: Pa
         reader = SqliteStore(path, readonly=True)
         second = writer.commit(saga(), [])
         # Then the reader sees the new saga: the immutable fallback is not used on live files
-        assert {s.saga_id for s in reader.sagas(None, 10)} == {first.saga_id, second.saga_id}
+        assert {s.saga_id for s in reader.sagas(SagaFilter(), 10)} == {first.saga_id, second.saga_id}
         reader.close()
     finally:
         writer.close()
