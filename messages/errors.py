@@ -80,3 +80,7 @@ class NoNodeAnsweredError(SagaError):
 
 class UnreadableSagaError(SagaError):
     """Raised when a stored saga cannot be read back (corrupt, or from an unknown version)."""
+
+
+class InvalidQueryError(SagaError):
+    """Raised when a request to the web console (a filter, a form field) cannot be used."""

@@ -36,7 +36,7 @@ from orchestrator.definition import as_text
 from orchestrator.provision import ProvisionSettings, provision
 from orchestrator.report import age, current_step, seconds_text, summary
 from orchestrator.runtime import Orchestrator, definition_from
-from orchestrator.settings import OrchestratorSettings
+from orchestrator.settings import OrchestratorSettings, WebSettings
 from orchestrator.store import SagaFilter, SagaStore, open_store, order_fields
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -70,7 +70,7 @@ _ALL = sys.maxsize  # what --limit 0 stands for: more rows than a store can hold
 
 
 def build_parser(prog: str = "saga") -> argparse.ArgumentParser:
-    """The command line: run, health, provision, list, show, stats and abort."""
+    """The command line: run, health, provision, web, list, show, stats and abort."""
     parser = argparse.ArgumentParser(prog=prog, description="The order saga orchestrator.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="consume requests and replies until interrupted")
@@ -79,6 +79,10 @@ def build_parser(prog: str = "saga") -> argparse.ArgumentParser:
     )
     sub.add_parser(
         "provision", help="create one RabbitMQ user per service and declare the topology"
+    )
+    sub.add_parser(
+        "web",
+        help="serve the console in a browser (SAGA_WEB_HOST:SAGA_WEB_PORT, 127.0.0.1:8080)",
     )
 
     listing = sub.add_parser("list", help="list sagas, newest first")
@@ -128,6 +132,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "saga") -> int:
     try:
         if args.command == "provision":
             return _provision()
+        if args.command == "web":
+            return _web()
         settings = load(OrchestratorSettings)
         logs.configure(settings.log_level, settings.log_format)
         if args.command == "run":
@@ -167,6 +173,14 @@ def _provision() -> int:
     for line in asyncio.run(provision(settings)):
         print(line)
     return 0
+
+
+def _web() -> int:
+    from orchestrator.web.app import serve  # the web stack loads only for `saga web`
+
+    settings = load(WebSettings)
+    logs.configure(settings.log_level, settings.log_format)
+    return serve(settings)
 
 
 def _health(settings: OrchestratorSettings) -> int:

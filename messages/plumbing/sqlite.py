@@ -18,7 +18,7 @@ def open_sqlite(
     be used from another thread than its creator's (one at a time: the caller locks).
     """
     if readonly:
-        return _open_readonly(path)
+        return _open_readonly(path, any_thread)
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, check_same_thread=not any_thread)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -27,11 +27,11 @@ def open_sqlite(
     return conn
 
 
-def _open_readonly(path: Path) -> sqlite3.Connection:
+def _open_readonly(path: Path, any_thread: bool) -> sqlite3.Connection:
     if not path.exists():
         raise SagaError(f"no store at {path}: has the service run with this SAGA_DATA_DIR?")
     uri = path.resolve().as_uri()
-    conn = _probe(f"{uri}?mode=ro")
+    conn = _probe(f"{uri}?mode=ro", any_thread)
     try:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         return conn
@@ -43,12 +43,12 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
     # neither found nor created (a read-only copy or mount), no writer can be at work here
     # either, since every writer keeps -shm open: the file cannot change under us, which is
     # exactly what immutable=1 lets SQLite assume.
-    conn = _probe(f"{uri}?mode=ro&immutable=1")
+    conn = _probe(f"{uri}?mode=ro&immutable=1", any_thread)
     conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     return conn
 
 
-def _probe(uri: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(uri, uri=True)
+def _probe(uri: str, any_thread: bool) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True, check_same_thread=not any_thread)
     conn.execute("PRAGMA busy_timeout=5000")  # before the first read: it may wait for a writer
     return conn

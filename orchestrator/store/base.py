@@ -149,6 +149,8 @@ class SagaStore(Protocol):
         """Sagas ``where`` matches, newest first, skipping ``offset`` of them."""
         ...
 
+    def finished_per_minute(self, since: datetime) -> list[tuple[str, int, int]]: ...
+
     def stats(self) -> SagaStats: ...
 
     def counts(self) -> dict[str, int]:
@@ -173,9 +175,11 @@ class SqlStore(ABC):
     @abstractmethod
     def quarantine(self, saga_id: UUID, why: str) -> None: ...
 
-    # How this dialect writes a parameter, and a field of the input in the saga's JSON.
+    # How this dialect writes a parameter, a field of the input in the saga's JSON, and the
+    # minute (since the epoch) a saga was last updated in.
     MARK: str
     INPUT_FIELD: str
+    MINUTE: str
 
     @abstractmethod
     def _select(self, sql: str, args: Sequence[Any]) -> list[Sequence[Any]]:
@@ -212,6 +216,18 @@ class SqlStore(ABC):
             except UnreadableSagaError as exc:  # quarantined when an orchestrator meets it
                 log.warning("%s", exc)
         return listed
+
+    def finished_per_minute(self, since: datetime) -> list[tuple[str, int, int]]:
+        """(status, minute since the epoch, sagas) of sagas that ended at or after ``since``."""
+        p = self.MARK
+        finished = [s.value for s in SagaStatus if s.finished]
+        rows = self._select(
+            f"SELECT status, {self.MINUTE}, count(*) FROM sagas"
+            f" WHERE status IN ({', '.join([p] * len(finished))}) AND updated_at >= {p}"
+            " GROUP BY 1, 2",
+            (*finished, since.timestamp()),
+        )
+        return [(str(status), int(minute), int(count)) for status, minute, count in rows]
 
     def commit(self, state: SagaState, outbox: Sequence[OutboxMessage]) -> SagaState:
         self.commit_many([(state, outbox)])

@@ -99,6 +99,7 @@ class PostgresStore(SqlStore):
     shared = True
     MARK = "%s"
     INPUT_FIELD = "(state::json -> 'input' ->> %s)"
+    MINUTE = "floor(updated_at / 60)::bigint"
 
     def __init__(self, url: str, *, readonly: bool = False, pool_size: int = 4) -> None:
         self.owner = uuid.uuid4().hex

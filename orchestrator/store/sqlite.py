@@ -74,6 +74,7 @@ class SqliteStore(SqlStore):
     shared = False  # the lock file makes this process the store's only writer
     MARK = "?"
     INPUT_FIELD = "json_extract(state, '$.input.' || ?)"
+    MINUTE = "CAST(updated_at / 60 AS INTEGER)"
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.readonly = readonly

@@ -158,7 +158,8 @@ def test_a_read_only_store_still_sees_what_a_running_writer_commits(tmp_path: Pa
         reader = SqliteStore(path, readonly=True)
         second = writer.commit(saga(), [])
         # Then the reader sees the new saga: the immutable fallback is not used on live files
-        assert {s.saga_id for s in reader.sagas(SagaFilter(), 10)} == {first.saga_id, second.saga_id}
+        seen = {s.saga_id for s in reader.sagas(SagaFilter(), 10)}
+        assert seen == {first.saga_id, second.saga_id}
         reader.close()
     finally:
         writer.close()

@@ -680,3 +680,19 @@ def test_a_store_written_by_the_previous_version_opens_and_its_sagas_load(db_pat
         assert new.version == 1
     finally:
         store.close()
+
+
+def test_finished_per_minute_counts_ended_sagas_by_minute_and_state(store: SagaStore) -> None:
+    """The console's throughput: sagas that ended, by the minute they ended in."""
+    declined = answer(started(T0), ok=False, at=T0 + timedelta(seconds=30))
+    store.commit(declined.state, [])
+    late = answer(started(T0), ok=False, at=T0 + timedelta(seconds=90))
+    store.commit(late.state, [])
+    store.commit(started(T0).state, [])  # running: not counted
+    minute = int(T0.timestamp()) // 60
+
+    assert sorted(store.finished_per_minute(T0)) == [
+        ("COMPENSATED", minute, 1),
+        ("COMPENSATED", minute + 1, 1),
+    ]
+    assert store.finished_per_minute(T0 + timedelta(seconds=60)) == [("COMPENSATED", minute + 1, 1)]
