@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -111,6 +112,7 @@ class Console:
         self.steer = steer
         self.management = management
         self.operators = auth.Operators(settings.web_operators)
+        self.stopping = asyncio.Event()  # set on SIGTERM/SIGINT: live streams end
         self.definitions = {d.name: d for d in [definition_from(settings)]}
         # SQLite: one connection, so one reader at a time; PostgreSQL reads from a pool.
         self._reading: AbstractContextManager[Any] = (
@@ -483,12 +485,17 @@ def _local(path: str) -> str:
 
 
 def _stream(request: Request, render: Callable[[], Awaitable[str]], every_s: float) -> Response:
-    """Server-sent events: ``render()`` again every ``every_s``, sent when it changed."""
+    """Server-sent events: ``render()`` again every ``every_s``, sent when it changed.
+
+    A stream ends when its client goes, or at once when the console is told to stop (the
+    browser reconnects to whichever console answers next).
+    """
+    stopping = _console(request).stopping
 
     async def events() -> AsyncIterator[str]:
         last = None
         yield "retry: 2000\n\n"
-        while not await request.is_disconnected():
+        while not stopping.is_set() and not await request.is_disconnected():
             try:
                 html = await render()
             except _NotFound:
@@ -500,7 +507,8 @@ def _stream(request: Request, render: Callable[[], Awaitable[str]], every_s: flo
                 yield "".join(f"data: {line}\n" for line in html.splitlines() or [""]) + "\n"
             else:
                 yield ": still here\n\n"  # keeps proxies from closing an idle stream
-            await asyncio.sleep(every_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), every_s)
 
     headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
@@ -600,6 +608,18 @@ def management_for(settings: WebSettings) -> ManagementApi:
     return ManagementApi.for_amqp_url(settings.amqp_url, settings.management_url)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn waits for open responses before it stops: tell the live streams to end."""
+
+    def __init__(self, config: uvicorn.Config, stopping: asyncio.Event) -> None:
+        super().__init__(config)
+        self.stopping = stopping
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.stopping.set()  # the signal arrives on the event loop's own thread
+        super().handle_exit(sig, frame)
+
+
 def serve(settings: WebSettings) -> int:
     """Serve the console until interrupted; the store is opened read-only."""
     store = open_store(settings, readonly=True)
@@ -623,7 +643,7 @@ def serve(settings: WebSettings) -> int:
             access_log=False,
             timeout_graceful_shutdown=2,  # live pages keep streams open
         )
-        uvicorn.Server(config).run()
+        _Server(config, app.state.console.stopping).run()
     finally:
         store.close()
     return 0

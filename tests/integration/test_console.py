@@ -8,6 +8,7 @@ left as it was after a look, and a refusal that comes back from the real orchest
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -155,3 +156,22 @@ def test_a_refusal_comes_back_from_the_orchestrator(stack: Stack, console: httpx
     )
     assert "AbortSaga refused: saga is already COMPLETED" in answer.text
     assert stack.saga(done["saga_id"])["status"] == "COMPLETED"
+
+
+def test_sigterm_ends_open_streams_and_the_console_at_once(
+    stack: Stack, console: httpx2.Client
+) -> None:
+    web = stack.services["web"]
+    with console.stream("GET", "/overview/stream") as stream:
+        lines = stream.iter_lines()
+        _next_event(lines)  # the stream is open and has sent the overview once
+        started = time.monotonic()
+        web.terminate()
+        assert web.popen is not None
+        # uvicorn shuts down, then dies of the signal it caught, as a supervisor expects
+        assert web.popen.wait(10) == -signal.SIGTERM
+        # It would wait its graceful time-out for open streams, and log an ERROR
+        assert time.monotonic() - started < 1.5
+    log = web.output(since_start=True)
+    assert "Finished server process" in log
+    assert "ERROR" not in log
