@@ -10,6 +10,7 @@ that each one can fail.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -17,15 +18,18 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from messages.contract.topology import REQUESTS_EXCHANGE
 from orchestrator.provision import permissions, user_names
 from orchestrator.settings import OrchestratorSettings, WebSettings
+from orchestrator.store.sqlite import SqliteStore
+from orchestrator.web.app import create_app
 from tests.unit.test_compose import (
     COMPOSE,
     SERVICES,
@@ -340,7 +344,29 @@ def run_healthcheck(service: Service, port: int) -> int:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode
 
 
+def test_the_console_serves_the_healthchecks_path(tmp_path: Path) -> None:
+    # The real app over a real (read-only) store answers the path the healthcheck fetches...
+    SqliteStore(tmp_path / "orchestrator.db").close()
+    settings = WebSettings(data_dir=tmp_path)
+    store = SqliteStore(settings.db_path, readonly=True)
+    app = create_app(settings, store, steer=lambda action: None)
+    path = urlsplit(healthcheck_url(ALL_SERVICES[CONSOLE])).path
+
+    async def get(path: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://console") as client:
+            return await client.get(path)
+
+    try:
+        answer = asyncio.run(get(path))
+        assert (answer.status_code, answer.text) == (200, "ok")
+        assert asyncio.run(get(path + "-not")).status_code == 404
+    finally:
+        store.close()
+
+
 def test_the_healthcheck_fails_unless_healthz_answers_200(healthz: HTTPServer) -> None:
+    # ...and the healthcheck's command exits 0 on a 200 and not otherwise.
     port = healthz.server_address[1]
     assert run_healthcheck(ALL_SERVICES[CONSOLE], port) == 0
     _Healthz.status = 503
