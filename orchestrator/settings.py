@@ -102,11 +102,11 @@ class WebSettings(OrchestratorSettings):
         description="Key that signs session cookies; unset: a new one at every start, "
         "which signs every operator out",
     )
-    management_url: str = Field(
-        default="",
-        description="RabbitMQ management API for the dead-letter queues, e.g. "
-        "http://admin:password@rabbitmq:15672; empty: port 15672 of the first "
-        "SAGA_AMQP_URL host, with its user",
+    management_url: str | None = Field(
+        default=None,
+        description="RabbitMQ management API for the dead-letter queues; may carry its own "
+        "user (http://admin:password@rabbitmq:15672); default http://<broker host>:15672 "
+        "with SAGA_AMQP_URL's user",
     )
     web_refresh_s: float = Field(
         default=1.0, gt=0, description="How often live pages look for changes in the store"

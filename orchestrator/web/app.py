@@ -578,7 +578,7 @@ def create_app(
 
 
 def management_for(settings: WebSettings) -> ManagementApi:
-    return ManagementApi.for_amqp_url(settings.amqp_url, settings.management_url or None)
+    return ManagementApi.for_amqp_url(settings.amqp_url, settings.management_url)
 
 
 def serve(settings: WebSettings) -> int:

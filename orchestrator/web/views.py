@@ -50,8 +50,13 @@ def list_query(params: Mapping[str, str], now: datetime, stuck_after_s: float) -
         try:
             status = SagaStatus(given["state"].upper())
         except ValueError:
+            status = None
+        if status in (None, SagaStatus.QUARANTINED):
             states = ", ".join(s.value for s in SagaStatus if s is not SagaStatus.QUARANTINED)
-            raise InvalidQueryError(f"state {given['state']!r}: one of {states}") from None
+            raise InvalidQueryError(
+                f"state {given['state']!r}: one of {states} (quarantined sagas cannot be "
+                "read; `saga list --state QUARANTINED` says why each was set aside)"
+            )
     since = None
     if given["age"]:
         match = _AGE.match(given["age"])

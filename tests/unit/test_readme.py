@@ -7,7 +7,7 @@ from pathlib import Path
 
 from orchestrator.cli import build_parser as orchestrator_parser
 from orchestrator.provision import ProvisionSettings
-from orchestrator.settings import OrchestratorSettings
+from orchestrator.settings import OrchestratorSettings, WebSettings
 from workers.cli import build_parser as workers_parser
 from workers.settings import WorkerSettings
 
@@ -25,9 +25,12 @@ def real_settings() -> dict[str, str]:
         **OrchestratorSettings.model_fields,
         **WorkerSettings.model_fields,
         **ProvisionSettings.model_fields,
+        **WebSettings.model_fields,
     }
     return {
-        f"SAGA_{name.upper()}": "(required)" if field.is_required() else str(field.default)
+        f"SAGA_{name.upper()}": "(required)"
+        if field.is_required()
+        else str(field.get_default(call_default_factory=True))
         for name, field in fields.items()
     }
 
@@ -48,7 +51,7 @@ def test_readme_mentions_no_setting_that_does_not_exist() -> None:
 
 
 def test_documented_cli_commands_parse() -> None:
-    for argv in (["run"], ["list", "--state", "FAILED", "--json"], ["show", "0" * 32]):
+    for argv in (["run"], ["web"], ["list", "--state", "FAILED", "--json"], ["show", "0" * 32]):
         orchestrator_parser().parse_args(argv)
     for argv in (
         ["run", "all", "--stock", "item-1=10,item-2=5"],

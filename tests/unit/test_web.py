@@ -1,0 +1,404 @@
+"""The console's HTTP layer through Starlette's test client, over a real SQLite store.
+
+What the broker would do with an action is left to the integration and browser tests: here
+`steer` records what the console sends, so each refusal can show that nothing was sent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from uuid import UUID
+
+import httpx2
+import pytest
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+
+from messages.contract.models import (
+    AbortSaga,
+    ActionRefused,
+    Envelope,
+    OperatorAction,
+)
+from orchestrator.engine import Decision, start
+from orchestrator.settings import WebSettings
+from orchestrator.store import SqliteStore
+from orchestrator.web.app import create_app
+from orchestrator.web.views import PAGE_SIZE
+from tests.unit.test_store import SAGA, answer, place_order, started
+
+NOW = datetime.now(UTC)
+PASSWORD = "correct-horse"
+
+
+class Steering:
+    """Stands in for the broker: records the actions sent, answers what it is told to."""
+
+    def __init__(self) -> None:
+        self.sent: list[OperatorAction] = []
+        self.answer: Envelope | None = None
+
+    def __call__(self, action: OperatorAction) -> Envelope | None:
+        self.sent.append(action)
+        return self.answer
+
+
+class Sagas:
+    """A store with a few sagas in it: the ids of each kind."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.writer = SqliteStore(path)
+        # waiting for ReserveStock for 5 s
+        self.running = self.add(started(NOW - timedelta(seconds=5)))
+        # a declined payment two minutes ago: stock reserved in 10 ms, the charge refused
+        # 20 ms later, the stock released 30 ms after that
+        at = NOW - timedelta(minutes=2)
+        declined = answer(started(at), ok=True, at=at + timedelta(milliseconds=10))
+        declined = answer(declined, ok=False, at=at + timedelta(milliseconds=30))
+        self.declined = self.add(answer(declined, ok=True, at=at + timedelta(milliseconds=60)))
+        # another customer's order, completed three hours ago, each reply after 40 ms
+        other = place_order().model_copy(update={"customer_id": "cust-7", "sku": "SKU-9"})
+        at = NOW - timedelta(hours=3)
+        done = start(SAGA, other, "amq.gen-reply", at)
+        for n in (1, 2, 3):
+            done = answer(done, ok=True, at=at + timedelta(milliseconds=40 * n))
+        self.other_customer = self.add(done)
+
+    def add(self, decision: Decision) -> UUID:
+        return self.writer.commit(decision.state, []).saga_id
+
+
+@pytest.fixture
+def sagas(tmp_path: Path) -> Iterator[Sagas]:
+    made = Sagas(tmp_path / "orchestrator.db")
+    yield made
+    made.writer.close()
+
+
+def console(
+    sagas: Sagas, steering: Steering, operators: dict[str, str] | None = None
+) -> Iterator[TestClient]:
+    settings = WebSettings(
+        data_dir=sagas.path.parent,
+        web_operators={k: SecretStr(v) for k, v in (operators or {}).items()},
+        stuck_after_s=60,
+    )
+    store = SqliteStore(sagas.path, readonly=True)
+    try:
+        with TestClient(create_app(settings, store, steering)) as client:
+            yield client
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def steering() -> Steering:
+    return Steering()
+
+
+@pytest.fixture
+def client(sagas: Sagas, steering: Steering) -> Iterator[TestClient]:
+    yield from console(sagas, steering, {"alice": PASSWORD})
+
+
+@pytest.fixture
+def read_only(sagas: Sagas, steering: Steering) -> Iterator[TestClient]:
+    yield from console(sagas, steering)
+
+
+def ids(client: TestClient, query: str = "") -> list[str]:
+    response = client.get(f"/api/sagas{query}")
+    assert response.status_code == 200, response.text
+    return [row["saga_id"] for row in response.json()["sagas"]]
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert match, "no CSRF token in the page"
+    return match[1]
+
+
+def sign_in(client: TestClient, password: str = PASSWORD) -> int:
+    token = csrf_of(client.get("/login").text)
+    form = {"csrf": token, "name": "alice", "password": password, "next": "/sagas"}
+    return client.post("/login", data=form, follow_redirects=False).status_code
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def test_the_list_shows_sagas_newest_first(client: TestClient, sagas: Sagas) -> None:
+    expected = [str(sagas.running), str(sagas.declined), str(sagas.other_customer)]
+    assert ids(client) == expected
+    page = client.get("/sagas")
+    assert page.status_code == 200
+    rows = re.findall(r'data-saga-id="([^"]+)"', page.text)
+    assert rows == expected
+    assert 'data-live="/sagas/stream"' in page.text  # the list follows the store
+
+
+@pytest.mark.parametrize(
+    ("query", "kind"),
+    [
+        ("?state=RUNNING", "running"),
+        ("?state=completed", "other_customer"),
+        ("?state=compensated", "declined"),
+        ("?reason=NO", "declined"),  # any case, part of the reason
+        ("?customer=cust-7", "other_customer"),
+        ("?sku=SKU-9", "other_customer"),
+        ("?customer=cust-42&sku=SKU-1&state=COMPENSATED", "declined"),
+        ("?age=30m&state=COMPENSATED", "declined"),
+    ],
+)
+def test_each_filter_narrows_the_list(
+    client: TestClient, sagas: Sagas, query: str, kind: str
+) -> None:
+    assert ids(client, query) == [str(getattr(sagas, kind))]
+    page = client.get(f"/sagas{query}")
+    assert re.findall(r'data-saga-id="([^"]+)"', page.text) == [str(getattr(sagas, kind))]
+
+
+def test_age_keeps_only_sagas_started_within_it(client: TestClient, sagas: Sagas) -> None:
+    assert ids(client, "?age=1h") == [str(sagas.running), str(sagas.declined)]
+    assert ids(client, "?customer=nobody") == []
+    assert "no sagas match these filters" in client.get("/sagas?customer=nobody").text
+
+
+def test_stuck_lists_sagas_waiting_longer_than_the_setting(
+    client: TestClient, sagas: Sagas
+) -> None:
+    assert ids(client, "?stuck=1") == []  # the running saga has waited 5 s of 60
+    old = sagas.add(started(NOW - timedelta(minutes=5)))
+    assert ids(client, "?stuck=1") == [str(old)]
+    assert re.search(r'class="stuck">\d+m<', client.get("/sagas?stuck=1").text)
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ("?state=LOST", "state 'LOST': one of RUNNING"),
+        ("?state=QUARANTINED", "quarantined sagas cannot be read"),
+        ("?age=yesterday", "age 'yesterday': e.g. 30s"),
+        ("?customer=%3Cscript%3E", "customer '<script>'"),
+        ("?page=0", "page '0'"),
+        ("?stuck=maybe", "stuck 'maybe'"),
+    ],
+)
+def test_a_bad_filter_is_a_clear_400(client: TestClient, query: str, says: str) -> None:
+    answer = client.get(f"/api/sagas{query}")
+    assert answer.status_code == 400
+    assert says in answer.json()["error"]
+    page = client.get(f"/sagas{query}")
+    assert page.status_code == 400
+    assert "bad filter" in page.text
+    assert "<script>" not in page.text  # what was given is shown escaped
+
+
+def test_pages_of_sagas_newest_first(client: TestClient, sagas: Sagas) -> None:
+    for n in range(PAGE_SIZE + 2):
+        sagas.add(started(NOW - timedelta(days=1, seconds=n)))
+    first = client.get("/api/sagas").json()
+    second = client.get("/api/sagas?page=2").json()
+    assert (len(first["sagas"]), first["more"]) == (PAGE_SIZE, True)
+    assert (len(second["sagas"]), second["more"]) == (5, False)
+    everything = [r["saga_id"] for r in first["sagas"] + second["sagas"]]
+    assert len(set(everything)) == PAGE_SIZE + 5
+    started_at = [r["created_at"] for r in first["sagas"] + second["sagas"]]
+    assert started_at == sorted(started_at, reverse=True)
+    html = client.get("/sagas?state=RUNNING").text
+    assert 'href="/sagas?state=RUNNING&amp;page=2"' in html  # the filters stay on the link
+
+
+def test_a_saga_shows_its_order_and_a_waterfall_of_its_steps(
+    client: TestClient, sagas: Sagas
+) -> None:
+    page = client.get(f"/sagas/{sagas.declined}")
+    assert page.status_code == 200
+    assert "2 x SKU-1 for cust-42, 25.50 EUR" in page.text
+    assert 'id="saga-state">COMPENSATED' in page.text
+    bars = re.findall(r'data-command="(\w+)" data-outcome="(\w+)"', page.text)
+    assert bars == [
+        ("ReserveStock", "succeeded"),
+        ("ChargePayment", "failed"),
+        ("ReleaseStock", "compensated"),
+    ]
+    assert f'data-live="/sagas/{sagas.declined}/stream"' in page.text
+    state = client.get(f"/api/sagas/{sagas.declined}").json()
+    assert state["status"] == "COMPENSATED"
+    assert [e["event"] for e in state["history"]][-1] == "compensated"
+
+
+def test_a_running_saga_has_a_bar_still_waiting(client: TestClient, sagas: Sagas) -> None:
+    page = client.get(f"/sagas/{sagas.running}").text
+    assert re.findall(r'data-command="(\w+)" data-outcome="(\w+)"', page) == [
+        ("ReserveStock", "waiting")
+    ]
+
+
+def test_an_unknown_saga_is_a_404_that_says_why(client: TestClient) -> None:
+    missing = "6f1d3c4e-0000-4000-8000-000000000000"
+    page = client.get(f"/sagas/{missing}")
+    assert page.status_code == 404
+    assert "the orchestrator has not started it" in page.text
+    assert client.get(f"/api/sagas/{missing}").status_code == 404
+    assert client.get("/sagas/not-an-id").status_code == 404
+
+
+def test_the_overview_counts_states_throughput_and_step_latencies(
+    client: TestClient, sagas: Sagas
+) -> None:
+    overview = client.get("/api/overview").json()
+    assert overview["by_state"]["RUNNING"] == 1
+    assert overview["by_state"]["COMPENSATED"] == 1
+    assert overview["by_state"]["COMPLETED"] == 1
+    # the declined saga ended two minutes ago; the other one three hours ago, off the chart
+    assert sum(overview["throughput"]["by_outcome"]["COMPENSATED"]) == 1
+    assert sum(overview["throughput"]["by_outcome"]["COMPLETED"]) == 0
+    assert len(overview["throughput"]["minutes"]) == 30
+    latencies = {row["command"]: row for row in overview["latencies"]}
+    assert set(latencies) == {"ReserveStock", "ChargePayment", "CompleteOrder", "ReleaseStock"}
+    assert latencies["ReserveStock"]["replies"] == 2  # the running saga's has not come
+    assert (latencies["ReserveStock"]["p50_ms"], latencies["ReserveStock"]["max_ms"]) == (
+        40.0,
+        40.0,
+    )
+    assert latencies["ChargePayment"]["replies"] == 2  # 20 ms (declined) and 40 ms
+    assert latencies["ReleaseStock"]["max_ms"] == 30.0
+    assert overview["dead_letters_error"] == "no management API configured (SAGA_MANAGEMENT_URL)"
+    page = client.get("/overview")
+    assert page.status_code == 200
+    assert "Sagas ended per minute" in page.text
+
+
+def test_healthz_and_security_headers(client: TestClient) -> None:
+    response = client.get("/healthz")
+    assert (response.status_code, response.text) == (200, "ok")
+    assert response.headers["x-frame-options"] == "DENY"
+    assert "script-src" not in response.headers["content-security-policy"]  # self only
+    assert response.headers["content-security-policy"].startswith("default-src 'self'")
+
+
+def test_static_files_are_served_and_nothing_comes_from_elsewhere(client: TestClient) -> None:
+    html = client.get("/sagas").text
+    assert client.get("/static/console.js").status_code == 200
+    assert client.get("/static/console.css").status_code == 200
+    assert not re.search(r'(src|href)="(https?:)?//', html)
+
+
+# --- acting ------------------------------------------------------------------------------------
+
+
+def abort(
+    client: TestClient, saga_id: UUID, csrf: str | None, reason: str = "customer called"
+) -> httpx2.Response:
+    form = {"reason": reason} | ({"csrf": csrf} if csrf is not None else {})
+    return client.post(f"/sagas/{saga_id}/abort", data=form, follow_redirects=False)
+
+
+def test_a_read_only_console_says_so_and_refuses_actions(
+    read_only: TestClient, sagas: Sagas, steering: Steering
+) -> None:
+    page = read_only.get(f"/sagas/{sagas.running}").text
+    assert "read-only: no operators configured" in page
+    assert 'id="abort-form"' not in page
+    assert "no operators are configured" in read_only.get("/login").text
+    refused = abort(read_only, sagas.running, "any-token")
+    assert refused.status_code == 403
+    assert "read-only console" in refused.text
+    assert steering.sent == []
+
+
+def test_actions_need_a_signed_in_operator(
+    client: TestClient, sagas: Sagas, steering: Steering
+) -> None:
+    page = client.get(f"/sagas/{sagas.running}").text
+    assert 'id="abort-form"' not in page
+    assert "Sign in</a> as an operator" in page
+    refused = abort(client, sagas.running, csrf_of(client.get("/login").text))
+    assert refused.status_code == 403
+    assert "sign in as an operator" in refused.text
+    assert steering.sent == []
+
+
+def test_a_wrong_password_is_refused(client: TestClient) -> None:
+    assert sign_in(client, "wrong-password") == 401
+    assert 'id="operator"' not in client.get("/sagas").text
+    assert sign_in(client) == 303
+    assert 'id="operator">alice<' in client.get("/sagas").text
+
+
+def test_sign_in_needs_the_forms_csrf_token(client: TestClient) -> None:
+    client.get("/login")
+    form = {"name": "alice", "password": PASSWORD}
+    assert client.post("/login", data=form, follow_redirects=False).status_code == 403
+    assert 'id="operator"' not in client.get("/sagas").text
+
+
+def test_an_action_without_the_sessions_csrf_token_is_refused(
+    client: TestClient, sagas: Sagas, steering: Steering
+) -> None:
+    assert sign_in(client) == 303
+    assert abort(client, sagas.running, None).status_code == 403
+    assert abort(client, sagas.running, "forged-token").status_code == 403
+    assert steering.sent == []
+
+
+def test_an_operator_aborts_with_a_reason_recorded_as_theirs(
+    client: TestClient, sagas: Sagas, steering: Steering
+) -> None:
+    assert sign_in(client) == 303
+    page = client.get(f"/sagas/{sagas.running}").text
+    assert 'id="abort-form"' in page
+    sent = abort(client, sagas.running, csrf_of(page))
+    assert sent.status_code == 303
+    assert sent.headers["location"] == f"/sagas/{sagas.running}"
+    (action,) = steering.sent
+    assert isinstance(action, AbortSaga)
+    assert (action.saga_id, action.reason) == (sagas.running, "customer called")
+    assert action.requested_by == "alice (web console)"
+    assert "AbortSaga sent" in client.get(f"/sagas/{sagas.running}").text  # said once
+    assert "AbortSaga sent" not in client.get(f"/sagas/{sagas.running}").text
+
+
+def test_a_refusal_from_the_orchestrator_is_shown(
+    client: TestClient, sagas: Sagas, steering: Steering
+) -> None:
+    steering.answer = ActionRefused(
+        saga_id=sagas.declined, action="AbortSaga", detail="saga is already COMPENSATED"
+    )
+    assert sign_in(client) == 303
+    page = client.get(f"/sagas/{sagas.declined}").text
+    abort(client, sagas.declined, csrf_of(page))
+    assert (
+        "AbortSaga refused: saga is already COMPENSATED"
+        in client.get(f"/sagas/{sagas.declined}").text
+    )
+
+
+def test_an_action_needs_a_reason(client: TestClient, sagas: Sagas, steering: Steering) -> None:
+    assert sign_in(client) == 303
+    page = client.get(f"/sagas/{sagas.running}").text
+    abort(client, sagas.running, csrf_of(page), reason="  ")
+    assert "say why" in client.get(f"/sagas/{sagas.running}").text
+    assert steering.sent == []
+
+
+def test_signing_out_ends_the_session(client: TestClient, sagas: Sagas, steering: Steering) -> None:
+    assert sign_in(client) == 303
+    page = client.get("/sagas").text
+    client.post("/logout", data={"csrf": csrf_of(page)})
+    page = client.get(f"/sagas/{sagas.running}").text
+    assert 'id="operator"' not in page
+    assert abort(client, sagas.running, csrf_of(client.get("/login").text)).status_code == 403
+    assert steering.sent == []
+
+
+def test_sign_in_never_sends_the_operator_off_the_console(client: TestClient) -> None:
+    token = csrf_of(client.get("/login").text)
+    form = {"csrf": token, "name": "alice", "password": PASSWORD, "next": "//evil.example/x"}
+    response = client.post("/login", data=form, follow_redirects=False)
+    assert response.headers["location"] == "/sagas"
