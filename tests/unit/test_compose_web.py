@@ -186,7 +186,7 @@ def login_errors(name: str, settings: WebSettings, provision: Mapping[str, str])
 
 def management_errors(name: str, settings: WebSettings, broker: Service) -> list[str]:
     """The dead-letter panel reads the broker's management API with its administrator's login."""
-    url = urlsplit(settings.management_url)
+    url = urlsplit(settings.management_url or "")
     broker_env = environment_of(broker)
     expected = (broker.get("hostname"), MANAGEMENT_PORT, broker_env["RABBITMQ_DEFAULT_USER"])
     if (url.hostname, url.port, url.username) != expected:
