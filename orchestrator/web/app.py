@@ -9,12 +9,15 @@ sends the part anew when it changed. Actions go to the orchestrator as messages,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import logging
 import secrets
 import socket
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -109,7 +112,10 @@ class Console:
         self.management = management
         self.operators = auth.Operators(settings.web_operators)
         self.definitions = {d.name: d for d in [definition_from(settings)]}
-        self._reading = threading.Lock()  # one SQLite connection: one reader at a time
+        # SQLite: one connection, so one reader at a time; PostgreSQL reads from a pool.
+        self._reading: AbstractContextManager[Any] = (
+            contextlib.nullcontext() if store.shared else threading.Lock()
+        )
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,
@@ -487,7 +493,7 @@ def _stream(request: Request, render: Callable[[], Awaitable[str]], every_s: flo
                 html = await render()
             except _NotFound:
                 return
-            except SagaError as exc:  # the store is out of reach: say so, try again
+            except (SagaError, sqlite3.Error) as exc:  # the store is out of reach: say so
                 html = f'<p class="error">cannot read the store: {exc}</p>'
             if html != last:
                 last = html
@@ -504,9 +510,18 @@ async def healthz(request: Request) -> Response:
     console = _console(request)
     try:
         await console.read(console.store.counts)
-    except SagaError as exc:
+    except (SagaError, sqlite3.Error) as exc:
         return PlainTextResponse(f"cannot read the store: {exc}", 503)
     return PlainTextResponse("ok")
+
+
+async def unavailable(request: Request, exc: Exception) -> Response:
+    """The store (or the broker) did not answer: say so, and let the page be reloaded."""
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    why = f"cannot read the store right now: {exc}"
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": why}, 503)
+    return _console(request).page(request, "missing.html", 503, error=why)
 
 
 async def home(request: Request) -> Response:
@@ -572,7 +587,11 @@ def create_app(
         Route("/logout", logout, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    app = Starlette(routes=routes, middleware=middleware)
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={SagaError: unavailable, sqlite3.Error: unavailable},
+    )
     app.state.console = Console(settings, store, steer or broker_steer(settings), management)
     return app
 

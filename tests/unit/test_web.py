@@ -7,12 +7,15 @@ What the broker would do with an action is left to the integration and browser t
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import httpx2
+import psycopg
 import pytest
 from pydantic import SecretStr
 from starlette.testclient import TestClient
@@ -25,9 +28,11 @@ from messages.contract.models import (
 )
 from orchestrator.engine import Decision, start
 from orchestrator.settings import WebSettings
-from orchestrator.store import SqliteStore
+from orchestrator.store import SqliteStore, open_store
+from orchestrator.store.postgres import PostgresStore
 from orchestrator.web.app import create_app
 from orchestrator.web.views import PAGE_SIZE
+from tests.conftest import POSTGRES_URL
 from tests.unit.test_store import SAGA, answer, place_order, started
 
 NOW = datetime.now(UTC)
@@ -402,3 +407,37 @@ def test_sign_in_never_sends_the_operator_off_the_console(client: TestClient) ->
     form = {"csrf": token, "name": "alice", "password": PASSWORD, "next": "//evil.example/x"}
     response = client.post("/login", data=form, follow_redirects=False)
     assert response.headers["location"] == "/sagas"
+
+
+@pytest.mark.postgres
+def test_a_database_outage_is_a_503_and_the_console_recovers_by_itself(
+    postgres_database: str, steering: Steering
+) -> None:
+    PostgresStore(postgres_database).close()  # the orchestrator made the schema
+    settings = WebSettings(store_url=postgres_database)
+    store = open_store(settings, readonly=True)
+    database = urlsplit(postgres_database).path.lstrip("/")
+    try:
+        with (
+            TestClient(create_app(settings, store, steering)) as client,
+            psycopg.connect(POSTGRES_URL, autocommit=True) as admin,
+        ):
+            assert client.get("/sagas").status_code == 200
+            # The database refuses every connection, and drops the ones it had (a restart)
+            admin.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS false")
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (database,),
+            )
+            page = client.get("/sagas")
+            assert page.status_code == 503
+            assert "cannot read the store right now" in page.text
+            assert client.get("/api/overview").status_code == 503
+            assert client.get("/healthz").status_code == 503
+            admin.execute(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+            deadline = time.monotonic() + 10
+            while client.get("/sagas").status_code != 200:
+                assert time.monotonic() < deadline, "the console never read the store again"
+                time.sleep(0.2)
+    finally:
+        store.close()
