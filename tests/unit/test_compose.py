@@ -33,7 +33,7 @@ from messages.contract.topology import PARTICIPANTS
 from messages.errors import ConfigurationError
 from orchestrator import cli as orchestrator_cli
 from orchestrator.provision import ProvisionSettings, permissions
-from orchestrator.settings import OrchestratorSettings
+from orchestrator.settings import OrchestratorSettings, WebSettings
 from workers import cli as workers_cli
 from workers.settings import WorkerSettings
 
@@ -54,6 +54,7 @@ SETTINGS: dict[str, type[BaseSettings]] = {
     "orchestrator": OrchestratorSettings,
     "workers": WorkerSettings,
     "provision": ProvisionSettings,
+    "web": WebSettings,
 }
 # The packages the image needs even if pyproject's list were to shrink by mistake.
 REQUIRED_PACKAGES = ("messages", "orchestrator", "workers")
@@ -80,10 +81,6 @@ SERVICES: dict[str, Service] = {
     if not service.get("profiles")
 }
 PYTHON_SERVICES = sorted(name for name, service in SERVICES.items() if "build" in service)
-# The long-running ones, with state of their own (provision runs once and keeps none).
-STATEFUL_SERVICES = [
-    name for name in PYTHON_SERVICES if SERVICES[name].get("restart", "no") != "no"
-]
 
 
 def argv_of(service: Service) -> list[str]:
@@ -94,6 +91,11 @@ def argv_of(service: Service) -> list[str]:
     return shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
 
 
+# The long-running ones, with state of their own (`run`): not provision, which runs once and
+# keeps none, nor the console, which reads the orchestrator's (test_compose_web.py).
+STATEFUL_SERVICES = [name for name in PYTHON_SERVICES if argv_of(SERVICES[name])[3:4] == ["run"]]
+
+
 def module_of(argv: list[str]) -> str | None:
     """`python -m <module> ...` -> module, else None."""
     if len(argv) >= 3 and argv[0] in ("python", "python3") and argv[1] == "-m":
@@ -101,7 +103,8 @@ def module_of(argv: list[str]) -> str | None:
     return None
 
 
-_VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+# A default may hold one level of braces: ${OPERATORS:-{"name":"password"}}.
+_VARIABLE = re.compile(r"\$\{(\w+)(?::?-((?:[^{}]|\{[^{}]*\})*))?\}")
 
 
 def interpolate(value: str) -> str:
@@ -119,9 +122,11 @@ def environment_of(service: Service) -> dict[str, str]:
 
 
 def process_of(argv: list[str]) -> str | None:
-    """Which settings class the command reads: the module's, or provision's."""
+    """Which settings class the command reads: the module's, or provision's, or the console's."""
     module = module_of(argv)
-    return "provision" if module == "orchestrator" and argv[3:4] == ["provision"] else module
+    if module == "orchestrator" and argv[3:4] in (["provision"], ["web"]):
+        return argv[3]
+    return module
 
 
 def volume_mounts(service: Service) -> dict[str, str]:
@@ -298,7 +303,7 @@ def test_compose_itself_accepts_the_file() -> None:
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.parametrize("name", [n for n in PYTHON_SERVICES if SERVICES[n].get("restart") != "no"])
+@pytest.mark.parametrize("name", STATEFUL_SERVICES)
 def test_service_healthcheck_is_our_liveness_check(name: str) -> None:
     # The process behind each service must say it is connected and consuming.
     test = (SERVICES[name].get("healthcheck") or {}).get("test") or []
@@ -490,3 +495,5 @@ def test_every_process_declares_and_consumes_quorum_queues() -> None:
 def test_interpolation_resolves_defaults() -> None:
     assert interpolate("amqp://u:${PW:-secret}@h/") == "amqp://u:secret@h/"
     assert interpolate("${UNSET}") == ""
+    assert interpolate('${OPS:-{"a":"b"}}') == '{"a":"b"}'
+    assert interpolate("${X:-{a}b}/${PW:-x}") == "{a}b/x"

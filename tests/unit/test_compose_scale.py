@@ -37,7 +37,8 @@ SCALE: dict[str, Service] = {
 }
 NODES = sorted(name for name, s in SCALE.items() if "rabbitmq" in str(s.get("image", "")))
 PYTHON = sorted(name for name, s in SCALE.items() if "build" in s)
-RUNNING = [name for name in PYTHON if SCALE[name].get("restart") != "no"]
+# The long-running services with state (`run`): not provision, nor the console (test_compose_web).
+RUNNING = [name for name in PYTHON if argv_of(SCALE[name])[3:4] == ["run"]]
 
 
 def roles() -> Counter[str]:
