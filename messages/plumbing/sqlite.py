@@ -9,16 +9,18 @@ from messages.errors import SagaError
 
 
 def open_sqlite(
-    path: Path, *, readonly: bool = False, any_thread: bool = False
+    path: Path, *, readonly: bool = False, any_thread: bool = False, snapshot_ok: bool = True
 ) -> sqlite3.Connection:
     """A connection in WAL mode with full fsync: a committed saga survives a power cut.
 
     ``readonly`` also works where nothing can be written, not even SQLite's ``-shm`` file:
-    a read-only copy of the data, or a read-only mount. ``any_thread``: the connection may
-    be used from another thread than its creator's (one at a time: the caller locks).
+    a read-only copy of the data, or a read-only mount; then the file is read as a snapshot
+    that cannot change, unless ``snapshot_ok`` is false (a reader that runs on and must see
+    later writes): then that is an error. ``any_thread``: the connection may be used from
+    another thread than its creator's (one at a time: the caller locks).
     """
     if readonly:
-        return _open_readonly(path, any_thread)
+        return _open_readonly(path, any_thread, snapshot_ok)
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, check_same_thread=not any_thread)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -27,7 +29,7 @@ def open_sqlite(
     return conn
 
 
-def _open_readonly(path: Path, any_thread: bool) -> sqlite3.Connection:
+def _open_readonly(path: Path, any_thread: bool, snapshot_ok: bool) -> sqlite3.Connection:
     if not path.exists():
         raise SagaError(f"no store at {path}: has the service run with this SAGA_DATA_DIR?")
     uri = path.resolve().as_uri()
@@ -43,6 +45,12 @@ def _open_readonly(path: Path, any_thread: bool) -> sqlite3.Connection:
     # neither found nor created (a read-only copy or mount), no writer can be at work here
     # either, since every writer keeps -shm open: the file cannot change under us, which is
     # exactly what immutable=1 lets SQLite assume.
+    if not snapshot_ok:
+        raise SagaError(
+            f"cannot follow {path}: SQLite cannot create its -shm file beside it (a read-only "
+            "directory or mount?), so later writes would never show. Make the directory "
+            "writable for this process: it opens the store read-only all the same"
+        )
     conn = _probe(f"{uri}?mode=ro&immutable=1", any_thread)
     conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     return conn

@@ -25,11 +25,17 @@ __all__ = [
 ]
 
 
-def open_store(settings: OrchestratorSettings, *, readonly: bool = False) -> SagaStore:
-    """The store SAGA_STORE_URL names: SQLite by default, or PostgreSQL."""
+def open_store(
+    settings: OrchestratorSettings, *, readonly: bool = False, live: bool = False
+) -> SagaStore:
+    """The store SAGA_STORE_URL names: SQLite by default, or PostgreSQL.
+
+    ``live``: a reader that runs on and must see later writes (the console), never a
+    frozen snapshot of a SQLite file it could only open as immutable.
+    """
     if settings.postgres:
         # Imported here: a SQLite user never loads the PostgreSQL driver.
         from orchestrator.store.postgres import PostgresStore
 
         return PostgresStore(settings.store_url, readonly=readonly)
-    return SqliteStore(settings.db_path, readonly=readonly)
+    return SqliteStore(settings.db_path, readonly=readonly, live=live)

@@ -76,11 +76,11 @@ class SqliteStore(SqlStore):
     INPUT_FIELD = "json_extract(state, '$.input.' || ?)"
     MINUTE = "CAST(updated_at / 60 AS INTEGER)"
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False, live: bool = False) -> None:
         self.readonly = readonly
         self._lock = None if readonly else _lock_exclusively(path)
         self.owner = uuid.uuid4().hex  # rows of an earlier run have another owner
-        self._db = open_sqlite(path, readonly=readonly, any_thread=True)
+        self._db = open_sqlite(path, readonly=readonly, any_thread=True, snapshot_ok=not live)
         self._read = self._db if readonly else open_sqlite(path)
         self._writing = threading.Lock()
         if not readonly:

@@ -622,7 +622,7 @@ class _Server(uvicorn.Server):
 
 def serve(settings: WebSettings) -> int:
     """Serve the console until interrupted; the store is opened read-only."""
-    store = open_store(settings, readonly=True)
+    store = open_store(settings, readonly=True, live=True)
     try:
         app = create_app(settings, store, management=management_for(settings))
         who = f"{getpass.getuser()}@{socket.gethostname()}"

@@ -128,6 +128,16 @@ def run_readonly(data_dir: Path, *argv: str) -> subprocess.CompletedProcess[str]
     )
 
 
+def test_the_console_refuses_a_store_it_could_only_read_as_a_frozen_snapshot(
+    readonly_copy: Path,
+) -> None:
+    """A console over a file it cannot follow would show stale sagas as live: it says why."""
+    served = run_readonly(readonly_copy, "orchestrator", "web")
+    assert served.returncode == 2
+    assert "SQLite cannot create its -shm file" in served.stderr
+    assert "Make the directory writable" in served.stderr
+
+
 def test_the_reading_commands_work_on_a_read_only_copy_of_the_data(readonly_copy: Path) -> None:
     files = sorted(p.name for p in readonly_copy.iterdir())
     listed = run_readonly(readonly_copy, "orchestrator", "list", "--json")

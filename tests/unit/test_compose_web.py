@@ -1,7 +1,7 @@
 """compose.yaml's operators' console (`saga web`), checked against the code.
 
 The console must be reachable from this machine only, listen where the published port
-leads, read the very store its orchestrators write (read-only), and log in to RabbitMQ as
+leads, read the very store its orchestrators write, and log in to RabbitMQ as
 the provisioned client user, like the `saga` CLI. Its command and environment are checked
 with every other service's in test_compose.py and test_compose_scale.py (the real parser,
 WebSettings). As there, each check returns its problems, and the tests at the bottom show
@@ -10,7 +10,6 @@ that each one can fail.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import subprocess
@@ -22,8 +21,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
+from starlette.testclient import TestClient
 
 from messages.contract.topology import REQUESTS_EXCHANGE
 from orchestrator.provision import permissions, user_names
@@ -154,7 +153,9 @@ def store_errors(
     theirs: OrchestratorSettings,
 ) -> list[str]:
     """The console reads the orchestrator's store: its PostgreSQL database, or its SQLite file
-    in the same named volume, mounted read-only."""
+    in the same named volume, mounted writable: SQLite makes its -shm file beside the store
+    for a reader when no writer has, and `saga web` refuses a store it could only read as a
+    frozen snapshot (it opens the store read-only all the same)."""
     if theirs.postgres or settings.postgres:
         if settings.store_url != theirs.store_url:
             return [f"{name}: reads {settings.store_url!r}, the orchestrator writes elsewhere"]
@@ -167,8 +168,8 @@ def store_errors(
         return [f"{name}: {directory} is not the orchestrator's volume ({mine} vs {ours})"]
     if mine[0] not in VOLUMES:
         return [f"{name}: {mine[0]!r} at {directory} is not a top-level named volume"]
-    if not mine[1]:
-        return [f"{name}: mounts the orchestrator's store writable; it only reads it"]
+    if mine[1]:
+        return [f"{name}: mounts the store read-only: if it starts first, saga web exits"]
     return []
 
 
@@ -352,15 +353,11 @@ def test_the_console_serves_the_healthchecks_path(tmp_path: Path) -> None:
     app = create_app(settings, store, steer=lambda action: None)
     path = urlsplit(healthcheck_url(ALL_SERVICES[CONSOLE])).path
 
-    async def get(path: str) -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://console") as client:
-            return await client.get(path)
-
     try:
-        answer = asyncio.run(get(path))
-        assert (answer.status_code, answer.text) == (200, "ok")
-        assert asyncio.run(get(path + "-not")).status_code == 404
+        with TestClient(app) as client:
+            answer = client.get(path)
+            assert (answer.status_code, answer.text) == (200, "ok")
+            assert client.get(path + "-not").status_code == 404
     finally:
         store.close()
 
@@ -407,7 +404,7 @@ def test_listen_check_catches_the_containers_own_loopback() -> None:
     assert listen_errors("fine", WebSettings(web_host="0.0.0.0")) == []
 
 
-def test_store_check_catches_another_volume_a_writable_mount_or_another_database() -> None:
+def test_store_check_catches_another_volume_a_read_only_mount_or_another_database() -> None:
     orchestrator: Service = {"volumes": ["orchestrator-data:/data"]}
     theirs = OrchestratorSettings(data_dir="/data")
     mine = WebSettings(data_dir="/data")
@@ -415,13 +412,13 @@ def test_store_check_catches_another_volume_a_writable_mount_or_another_database
     def errors(volume: str, settings: WebSettings = mine, them: Any = theirs) -> list[str]:
         return store_errors("broken", {"volumes": [volume]}, settings, orchestrator, them)
 
-    assert errors("orchestrator-data:/data:ro") == []
-    assert errors("orchestrator-data:/data") != []
-    assert errors("inventory-data:/data:ro") != []
-    assert errors("orchestrator-data:/state:ro") != []
-    assert errors("orchestrator-data:/data:ro", WebSettings(data_dir="/state")) != []
+    assert errors("orchestrator-data:/data") == []
+    assert errors("orchestrator-data:/data:ro") != []
+    assert errors("inventory-data:/data") != []
+    assert errors("orchestrator-data:/state") != []
+    assert errors("orchestrator-data:/data", WebSettings(data_dir="/state")) != []
     postgres = OrchestratorSettings(store_url="postgresql://saga@db/saga")
-    assert errors("orchestrator-data:/data:ro", mine, postgres) != []
+    assert errors("orchestrator-data:/data", mine, postgres) != []
     assert errors("", WebSettings(store_url="postgresql://saga@db/saga"), postgres) == []
 
 
