@@ -2,7 +2,8 @@
 
 A participant that comes back finds the commands still in its queue and answers them by
 itself; the resend matters when the command is gone (purged, dead-lettered, lost with a
-broker node), and the next resend has been pushed a minute away by backoff.
+broker node), and the next resend has been pushed a minute away by backoff. An accepted
+action, a retry or an abort, is answered with what it did (ActionTaken).
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from messages.contract import topology
+from messages.contract.models import AbortSaga, ActionTaken
+from orchestrator.steer import send_action
 from tests.integration.stack import Stack, amqp_channel
 from tests.integration.test_long_outages import wait_until
 from tests.integration.test_operations import saga_cli
@@ -80,3 +84,27 @@ def test_retry_sends_a_lost_command_again_at_once_and_a_finished_saga_is_refused
     assert again.returncode == 2, again.stdout
     assert "retry refused: saga is already COMPLETED: nothing to retry" in again.stderr
     assert unknown.returncode == 2 and "retry refused: no saga" in unknown.stderr
+
+
+def test_an_abort_sent_from_a_thread_is_answered_with_what_was_done(stack: Stack) -> None:
+    # Given a saga waiting for the payment service, which is down
+    stack.worker("inventory", "--stock", "item-1=10")
+    stack.orchestrator(SAGA_STEP_TIMEOUT_S=str(DEADLINE_S))
+    order = stack.place_order_async(*ORDER, "--amount", "25.00", timeout=30)
+    stack.wait_for_log("orchestrator", "ChargePayment attempt 1")
+    saga_id = uuid.UUID(stack.sagas()[0]["saga_id"])
+
+    # When the web console aborts it, from a thread of its own
+    abort = AbortSaga(saga_id=saga_id, reason="customer called", requested_by="alice (web console)")
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(send_action, stack.amqp_url, None, abort, 10.0).result()
+
+    # Then the answer says the compensation has begun, and the history has who and why
+    assert isinstance(answer, ActionTaken), answer
+    assert (answer.action, answer.detail) == ("AbortSaga", "compensating: RefundPayment sent")
+    history = stack.saga(str(saga_id))["history"]
+    assert "by alice (web console): customer called" in [
+        e["detail"] for e in history if e["event"] == "abort_requested"
+    ]
+    order.kill()
+    order.communicate()
