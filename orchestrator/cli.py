@@ -1,7 +1,8 @@
 """`saga` (also `python -m orchestrator`): run the orchestrator, inspect and steer sagas.
 
-Reading commands (list, show, stats) open the store read-only; steering commands (retry,
-abort) send a message to the orchestrator, which decides and records them like any event.
+Reading commands (list, show, stats) open the store read-only; steering commands (abort,
+retry) send an operator action to the orchestrator (through orchestrator.steer), which
+decides and records it like any event, and answers ActionTaken or ActionRefused.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from uuid import UUID
 from messages.contract.models import (
     AbortSaga,
     ActionRefused,
+    ActionTaken,
     Envelope,
+    RetrySaga,
     SagaFinished,
     SagaStatus,
 )
 from messages.errors import SagaError, SagaNotFoundError
 from messages.plumbing import health, logs
-from messages.plumbing.client import Client
 from messages.plumbing.service import run_service
 from messages.plumbing.settings import load
 from messages.plumbing.timeline import format_timeline, render_result
@@ -37,6 +39,7 @@ from orchestrator.provision import ProvisionSettings, provision
 from orchestrator.report import age, current_step, seconds_text, summary
 from orchestrator.runtime import Orchestrator, definition_from
 from orchestrator.settings import OrchestratorSettings, WebSettings
+from orchestrator.steer import send_action
 from orchestrator.store import SagaFilter, SagaStore, open_store, order_fields
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -70,7 +73,7 @@ _ALL = sys.maxsize  # what --limit 0 stands for: more rows than a store can hold
 
 
 def build_parser(prog: str = "saga") -> argparse.ArgumentParser:
-    """The command line: run, health, provision, web, list, show, stats and abort."""
+    """The command line: run, health, provision, web, list, show, stats, retry and abort."""
     parser = argparse.ArgumentParser(prog=prog, description="The order saga orchestrator.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="consume requests and replies until interrupted")
@@ -113,6 +116,18 @@ def build_parser(prog: str = "saga") -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="counts by state and outcome, durations")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
 
+    retry = sub.add_parser(
+        "retry",
+        help="send the command a running or compensating saga waits on again now, "
+        "not at its deadline (a FAILED saga stays FAILED)",
+    )
+    retry.add_argument("saga_id", type=UUID)
+    retry.add_argument("--reason", required=True, help="why; kept in the saga's history")
+    retry.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for the orchestrator's answer"
+    )
+    retry.add_argument("--json", action="store_true", help="machine-readable output")
+
     action = sub.add_parser(
         "abort",
         help="compensate a saga before its pivot now; end a stuck one past it as FAILED",
@@ -140,6 +155,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "saga") -> int:
             return _run(settings)
         if args.command == "health":
             return _health(settings)
+        if args.command == "retry":
+            return _retry(settings, args)
         if args.command == "abort":
             return _steer(settings, args)
         store = open_store(settings, readonly=True)
@@ -268,7 +285,8 @@ def _show(store: SagaStore, args: argparse.Namespace, settings: OrchestratorSett
     if stuck_for is not None:
         print(
             f"stuck: waiting {seconds_text(stuck_for)} for one reply, attempt {state.attempt} "
-            f"(saga abort {state.saga_id} --reason ... if it must stop)"
+            f"(participant back: saga retry {state.saga_id} --reason ...; "
+            f"if it must stop: saga abort {state.saga_id} --reason ...)"
         )
     print(format_timeline(state.history))
     return 0
@@ -325,21 +343,52 @@ def _stats(store: SagaStore, args: argparse.Namespace, stuck_after_s: float) -> 
 # --- steering ----------------------------------------------------------------------------------
 
 
+def _operator() -> str:
+    """Who asks, as the saga's history records it: user@host."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def _retry(settings: OrchestratorSettings, args: argparse.Namespace) -> int:
+    """`saga retry`: 0 once the orchestrator has sent the command again, else 2 and why."""
+    action = RetrySaga(saga_id=args.saga_id, reason=args.reason, requested_by=_operator())
+    answer = send_action(settings.amqp_url, settings.ca_file, action, args.timeout)
+    if isinstance(answer, ActionRefused):
+        raise SagaError(f"retry refused: {answer.detail}")
+    if not isinstance(answer, ActionTaken):
+        raise SagaError(
+            f"retry sent, but no answer within {args.timeout:g}s: is the orchestrator "
+            f"running? (see: saga show {args.saga_id})"
+        )
+    print(answer.model_dump_json(indent=2) if args.json else f"{args.saga_id}: {answer.detail}")
+    return 0
+
+
 def _steer(settings: OrchestratorSettings, args: argparse.Namespace) -> int:
-    who = f"{getpass.getuser()}@{socket.gethostname()}"
-    action = AbortSaga(saga_id=args.saga_id, reason=args.reason, requested_by=who)
+    """`saga abort`: waits for the saga's end; 0 COMPENSATED, 1 FAILED, 2 refused or late."""
+    action = AbortSaga(saga_id=args.saga_id, reason=args.reason, requested_by=_operator())
+    taken: list[ActionTaken] = []  # the abort's answer; the saga's end follows it
 
-    def about_this_saga(message: Envelope) -> bool:
-        return isinstance(message, SagaFinished | ActionRefused) and message.saga_id == args.saga_id
+    def refused_or_finished(message: Envelope) -> bool:
+        if message.saga_id != args.saga_id:
+            return False
+        if isinstance(message, ActionTaken):
+            taken.append(message)
+        return isinstance(message, SagaFinished | ActionRefused)
 
-    with Client(settings.amqp_url, watch_events=True, ca_file=settings.ca_file) as client:
-        client.request(action)
-        answer = client.wait_for(about_this_saga, args.timeout)
+    answer = send_action(
+        settings.amqp_url,
+        settings.ca_file,
+        action,
+        args.timeout,
+        refused_or_finished,
+        watch_events=True,
+    )
     if isinstance(answer, ActionRefused):
         raise SagaError(f"{args.command} refused: {answer.detail}")
     if not isinstance(answer, SagaFinished):
+        heard = f"taken ({taken[0].detail})" if taken else "sent, not answered yet"
         print(
-            f"{args.command} sent; the saga did not finish within {args.timeout:g}s "
+            f"{args.command} {heard}; the saga did not finish within {args.timeout:g}s "
             f"(see: saga show {args.saga_id})"
         )
         return 2

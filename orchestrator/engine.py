@@ -11,6 +11,7 @@ or an outbox backlog never counts against a participant, at no cost on the hot p
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -123,13 +124,15 @@ class Decision:
     """The new state and what to send.
 
     ``ignored`` says why an event changed nothing; ``warning`` is something an operator
-    should hear about (the runtime logs it at WARNING).
+    should hear about (the runtime logs it at WARNING); ``done`` says what an operator's
+    action did, in a line for the answer to it.
     """
 
     state: SagaState
     outbox: tuple[Outgoing, ...] = ()
     ignored: str | None = None
     warning: str | None = None
+    done: str | None = None
 
 
 def start(
@@ -257,7 +260,8 @@ def on_abort(
     if state.status is SagaStatus.RUNNING and step.kind is StepKind.COMPENSATABLE:
         state = _record(state, now, SAGA, "abort_requested", f"by {by}: {reason}")
         # The pending command may still be applied, so its step is compensated too.
-        return _compensate(definition, state, range(state.step + 1), now, f"aborted: {reason}")
+        undo = range(state.step + 1)
+        return _aborted(_compensate(definition, state, undo, now, f"aborted: {reason}"))
     command = _call(definition, state.step, _compensating(state)).type
     if state.stuck_for(now, definition.stuck_after_s) is None:
         if state.status is SagaStatus.RUNNING:
@@ -272,12 +276,48 @@ def on_abort(
     state = _record(state, now, SAGA, "abort_requested", f"by {by}: {reason}")
     if state.status is SagaStatus.RUNNING:
         detail = f"aborted: {reason}; {command} unanswered, its effect is unknown"
-        return _finish(state, SagaStatus.FAILED, now, detail, keep_pending=True)
+        return _aborted(_finish(state, SagaStatus.FAILED, now, detail, keep_pending=True))
     left = [command] + [_call(definition, i, True).type for i in state.to_compensate]
     why = f"aborted: {reason}; not compensated: {', '.join(left)}"
     state = state.model_copy(update={"unanswered": (*state.unanswered, why)})
     # Pending stays set, so a late answer to it is still recorded in the history.
-    return _finish(state, SagaStatus.FAILED, now, state.reason, keep_pending=True)
+    return _aborted(_finish(state, SagaStatus.FAILED, now, state.reason, keep_pending=True))
+
+
+def on_retry(
+    definition: SagaDefinition, state: SagaState, reason: str, by: str, now: datetime
+) -> Decision:
+    """An operator has the pending command sent again now, rather than at its deadline.
+
+    For a participant back from an outage while the next resend is still far off: the same
+    command (same id) goes out as the next attempt, exactly as a deadline would send it.
+    A finished saga has nothing to retry (FAILED is final), and a step whose bounded
+    attempts are used up is left to its deadline, which compensates it.
+    """
+    if state.status is SagaStatus.FAILED:
+        return Decision(
+            state,
+            ignored="saga is FAILED, which is final: nothing is sent again; a person settles "
+            "it (its timeline says what is unknown)",
+        )
+    if state.status.finished:
+        return Decision(state, ignored=f"saga is already {state.status}: nothing to retry")
+    if state.pending is None:
+        return Decision(state, ignored=f"saga is {state.status} but waits for no reply")
+    step = definition.steps[state.step]
+    policy = _policy(definition, state)
+    command = _call(definition, state.step, _compensating(state)).type
+    if policy.max_attempts is not None and state.attempt >= policy.max_attempts:
+        return Decision(
+            state,
+            ignored=f"{command} has had all {policy.max_attempts} of its attempts: unless "
+            f"answered by its deadline, {step.name} is compensated then",
+        )
+    state = _record(state, now, SAGA, "retry_requested", f"by {by}: {reason}")
+    attempt = state.attempt + 1
+    # Recorded whatever the attempt: an operator's resend belongs on the timeline.
+    decision = _send(definition, state, state.step, attempt, now, always_record=True)
+    return dataclasses.replace(decision, done=f"{command} sent again, attempt {attempt}")
 
 
 def result(state: SagaState) -> SagaFinished:
@@ -329,7 +369,12 @@ def _build(call: Call, state: SagaState, step: str, compensating: bool, now: dat
 
 
 def _send(
-    definition: SagaDefinition, state: SagaState, index: int, attempt: int, now: datetime
+    definition: SagaDefinition,
+    state: SagaState,
+    index: int,
+    attempt: int,
+    now: datetime,
+    always_record: bool = False,
 ) -> Decision:
     step = definition.steps[index]
     compensating = _compensating(state)
@@ -346,9 +391,20 @@ def _send(
             "sent_at": now,
         }
     )
-    if _recorded(attempt):
+    if always_record or _recorded(attempt):
         state = _record(state, now, step.name, "sent", f"{command.type} attempt {attempt}", attempt)
     return Decision(state, (SendCommand(step.participant, command),))
+
+
+def _aborted(decision: Decision) -> Decision:
+    """An accepted abort, saying what it did: the compensation sent, or how the saga ended."""
+    state = decision.state
+    if state.status.finished:
+        done = f"saga ended {state.status}"
+    else:
+        commands = [out.command.type for out in decision.outbox if isinstance(out, SendCommand)]
+        done = f"{state.status.lower()}: {', '.join(commands)} sent"
+    return dataclasses.replace(decision, done=done)
 
 
 def _compensate(

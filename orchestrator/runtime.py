@@ -34,13 +34,17 @@ from messages.contract.models import (
     MESSAGE_TYPES,
     AbortSaga,
     ActionRefused,
+    ActionTaken,
     Envelope,
     MessageTypes,
+    OperatorAction,
     Reply,
+    RetrySaga,
     message_types,
 )
 from messages.errors import (
     ConcurrentUpdateError,
+    PublishFailedError,
     Rejected,
     SagaNotFoundError,
     StoreTransientError,
@@ -71,6 +75,12 @@ PRUNE_BATCH = 1000  # sagas deleted per transaction, so commits never wait long 
 PRUNE_MARGIN = timedelta(days=1)
 # Queues a client owns: server-named ones, and RabbitMQ's direct reply-to pseudo-queue.
 REPLY_QUEUE_PREFIXES = ("amq.gen-", "amq.rabbitmq.reply-to")
+# What the engine makes of each operator action: (definition, state, reason, by, now).
+Act = Callable[[SagaDefinition, engine.SagaState, str, str, datetime], engine.Decision]
+OPERATOR_ACTIONS: dict[type[OperatorAction], Act] = {
+    AbortSaga: engine.on_abort,
+    RetrySaga: engine.on_retry,
+}
 
 
 def definition_from(settings: OrchestratorSettings) -> SagaDefinition:
@@ -225,10 +235,10 @@ class Orchestrator:
         )
 
     async def on_request(self, message: Envelope, incoming: amqp.Delivery) -> None:
-        """A request starts its saga (a repeated one gets the result too); operators abort."""
+        """A request starts its saga (a repeated one gets the result too); operators steer."""
         check_reply_to(incoming.reply_to)
-        if isinstance(message, AbortSaga):
-            await self._abort(message, incoming.reply_to)
+        if isinstance(message, OperatorAction) and type(message) in OPERATOR_ACTIONS:
+            await self._act(message, incoming.reply_to)
             return
         definition = self._starts.get(message.type)
         if definition is None:
@@ -297,30 +307,46 @@ class Orchestrator:
                 f"it came from {user_id!r}",
             )
 
-    async def _abort(self, action: AbortSaga, reply_to: str | None) -> None:
-        """Abort as the engine allows; a refusal goes back to the operator."""
+    async def _act(self, action: OperatorAction, reply_to: str | None) -> None:
+        """An operator's action, as the engine allows; the answer goes back to the operator.
+
+        ActionTaken goes only once the decision is committed: what it says is on disk.
+        """
+        act = OPERATOR_ACTIONS[type(action)]
 
         def decide(state: engine.SagaState | None) -> engine.Decision:
             if state is None:
                 raise SagaNotFoundError(f"no saga {action.saga_id}")
-            return engine.on_abort(
+            return act(
                 self._definition(state), state, action.reason, action.requested_by, self.now()
             )
 
         log.info("%s requested by %s: %s", action.type, action.requested_by, action.reason)
         try:
-            refusal = await self._decide(action.saga_id, decide)
+            decision = await self._decide(action.saga_id, decide)
+            refusal, done = decision.ignored, decision.done
         except SagaNotFoundError as exc:
-            refusal = str(exc)
-        if refusal and reply_to and self._publisher:
+            refusal, done = str(exc), None
+        answer: ActionTaken | ActionRefused
+        if refusal:
+            log.info("%s by %s refused: %s", action.type, action.requested_by, refusal)
             answer = ActionRefused(saga_id=action.saga_id, action=action.type, detail=refusal)
+        else:
+            done = done or f"{action.type} taken"
+            answer = ActionTaken(saga_id=action.saga_id, action=action.type, detail=done)
+        await self._answer(answer, reply_to)
+
+    async def _answer(self, answer: ActionTaken | ActionRefused, reply_to: str | None) -> None:
+        """Tell the operator; if that fails the action stands (its history says what it did)."""
+        if not reply_to or self._publisher is None:
+            return
+        try:
             await self._publisher.publish(
-                "",
-                answer,
-                reply_to,
-                mandatory=False,
-                timeout=self.settings.publish_timeout_s,
+                "", answer, reply_to, mandatory=False, timeout=self.settings.publish_timeout_s
             )
+        except PublishFailedError as exc:
+            # Requeueing the action to answer it would take it a second time.
+            log.warning("%s for %s not sent to %s: %s", answer.type, answer.action, reply_to, exc)
 
     def _on_confirmed(self, row: OutboxMessage) -> None:
         """The broker has a command: its wait for a reply counts from now (see _expire)."""
@@ -341,10 +367,10 @@ class Orchestrator:
         self,
         saga_id: UUID,
         decide: Callable[[engine.SagaState | None], engine.Decision],
-    ) -> str | None:
+    ) -> engine.Decision:
         """Run the engine on the saga's latest state; return once the result is committed.
 
-        Returns why nothing changed, when the engine ignored the event. When another
+        Returns the decision (committed, unless the engine ignored the event). When another
         orchestrator (or a quarantine) changed the saga first, decide again from the store.
         """
         for attempt in range(1, CONFLICT_ATTEMPTS + 1):
@@ -361,7 +387,7 @@ class Orchestrator:
         self,
         saga_id: UUID,
         decide: Callable[[engine.SagaState | None], engine.Decision],
-    ) -> str | None:
+    ) -> engine.Decision:
         uncommitted = self._uncommitted.get(saga_id)
         state = uncommitted[0] if uncommitted else self._load(saga_id)
         decision = decide(state)
@@ -371,7 +397,7 @@ class Orchestrator:
                 # is acked; if that commit fails, so does this.
                 await asyncio.shield(uncommitted[1])
             log.debug("event dropped: %s", decision.ignored)
-            return decision.ignored
+            return decision
         new = decision.state
         commit = self._group.enqueue(decision)
         self._uncommitted[saga_id] = (new.model_copy(update={"version": new.version + 1}), commit)
@@ -382,7 +408,7 @@ class Orchestrator:
         for entry in new.history[seen:]:
             log.info("%s: %s %s", entry.step, entry.event, entry.detail, extra={"step": entry.step})
         metrics.observe(new.history, seen)
-        return None
+        return decision
 
     def _load(self, saga_id: UUID) -> engine.SagaState | None:
         if saga_id in self._running:  # never filled when the store is shared

@@ -227,6 +227,20 @@ class AbortSaga(OperatorAction):
     type: Literal["AbortSaga"] = "AbortSaga"
 
 
+class RetrySaga(OperatorAction):
+    """Send the saga's pending command again now, rather than at its deadline."""
+
+    type: Literal["RetrySaga"] = "RetrySaga"
+
+
+class ActionTaken(Envelope):
+    """Reply to an operator action the orchestrator took; the saga's history records it."""
+
+    type: Literal["ActionTaken"] = "ActionTaken"
+    action: str = Field(max_length=64)
+    detail: str = Field(max_length=500, description="What was done")
+
+
 class ActionRefused(Envelope):
     """Reply to an operator action the saga's state does not allow; nothing changed."""
 
@@ -298,6 +312,8 @@ MESSAGE_TYPES: MessageTypes = MappingProxyType(
         CommandSucceeded,
         CommandFailed,
         AbortSaga,
+        RetrySaga,
+        ActionTaken,
         ActionRefused,
         SagaFinished,
     )

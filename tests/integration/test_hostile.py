@@ -38,6 +38,7 @@ from messages.contract.models import (
     MESSAGE_TYPES,
     AbortSaga,
     ActionRefused,
+    ActionTaken,
     ChargePayment,
     CommandFailed,
     CommandSucceeded,
@@ -48,6 +49,7 @@ from messages.contract.models import (
     RefundPayment,
     ReleaseStock,
     ReserveStock,
+    RetrySaga,
     SagaFinished,
     SagaStatus,
 )
@@ -103,6 +105,8 @@ SAMPLES: dict[str, Callable[[], Envelope]] = {
     "CommandSucceeded": lambda: _reply(CommandSucceeded),
     "CommandFailed": lambda: _reply(CommandFailed),
     "AbortSaga": lambda: AbortSaga(saga_id=uuid.uuid4(), reason="hostile", requested_by="m@x"),
+    "RetrySaga": lambda: RetrySaga(saga_id=uuid.uuid4(), reason="hostile", requested_by="m@x"),
+    "ActionTaken": lambda: ActionTaken(saga_id=uuid.uuid4(), action="RetrySaga", detail="yes"),
     "ActionRefused": lambda: ActionRefused(saga_id=uuid.uuid4(), action="AbortSaga", detail="no"),
     "SagaFinished": lambda: SagaFinished(saga_id=uuid.uuid4(), status=SagaStatus.COMPLETED),
 }
@@ -110,7 +114,7 @@ assert SAMPLES.keys() == MESSAGE_TYPES.keys()
 
 # The types each queue's consumer takes; every other type is unexpected there.
 ACCEPTED: dict[str, tuple[str, ...]] = {
-    topology.REQUESTS_QUEUE: ("PlaceOrder", "AbortSaga"),
+    topology.REQUESTS_QUEUE: ("PlaceOrder", "AbortSaga", "RetrySaga"),
     topology.REPLIES_QUEUE: ("CommandSucceeded", "CommandFailed"),
     topology.command_queue("inventory"): ("ReserveStock", "ReleaseStock"),
     topology.command_queue("payment"): ("ChargePayment", "RefundPayment"),

@@ -51,7 +51,13 @@ def test_readme_mentions_no_setting_that_does_not_exist() -> None:
 
 
 def test_documented_cli_commands_parse() -> None:
-    for argv in (["run"], ["web"], ["list", "--state", "FAILED", "--json"], ["show", "0" * 32]):
+    for argv in (
+        ["run"],
+        ["web"],
+        ["list", "--state", "FAILED", "--json"],
+        ["show", "0" * 32],
+        ["retry", "0" * 32, "--reason", "payment is back", "--timeout", "5", "--json"],
+    ):
         orchestrator_parser().parse_args(argv)
     for argv in (
         ["run", "all", "--stock", "item-1=10,item-2=5"],
