@@ -47,14 +47,14 @@ from messages.contract import topology
 from messages.contract.models import (
     AbortSaga,
     ActionRefused,
+    ActionTaken,
     Envelope,
     OperatorAction,
-    SagaFinished,
+    RetrySaga,
     SagaStatus,
 )
 from messages.errors import ConfigurationError, InvalidQueryError, SagaError
 from messages.plumbing import logs
-from messages.plumbing.client import Client
 from messages.plumbing.management import ManagementApi, vhost_of
 from messages.plumbing.settings import redact
 from messages.plumbing.timeline import format_offset
@@ -63,6 +63,7 @@ from orchestrator.engine import SagaState
 from orchestrator.report import age, current_step, seconds_text, summary
 from orchestrator.runtime import definition_from
 from orchestrator.settings import WebSettings
+from orchestrator.steer import send_action
 from orchestrator.store import SagaFilter, SagaStore, open_store
 from orchestrator.web import auth, views
 
@@ -74,25 +75,17 @@ T = TypeVar("T")
 # time). Blocking: the app runs it in a thread.
 Steer = Callable[[OperatorAction], Envelope | None]
 
-ACTIONS: dict[str, Callable[..., OperatorAction]] = {"abort": AbortSaga}
+ACTIONS: dict[str, Callable[..., OperatorAction]] = {"abort": AbortSaga, "retry": RetrySaga}
 OVERVIEW_MINUTES = 30
 LATENCY_SAMPLE = 500  # newest sagas whose histories the step latencies are taken from
 STEER_WAIT_S = 5.0
 
 
 def broker_steer(settings: WebSettings) -> Steer:
-    """Send actions over RabbitMQ as `saga abort` does, and wait for the answer."""
+    """Send actions over RabbitMQ as `saga abort` and `saga retry` do; wait for the answer."""
 
     def steer(action: OperatorAction) -> Envelope | None:
-        def about_it(message: Envelope) -> bool:
-            return (
-                isinstance(message, SagaFinished | ActionRefused)
-                and message.saga_id == action.saga_id
-            )
-
-        with Client(settings.amqp_url, watch_events=True, ca_file=settings.ca_file) as client:
-            client.request(action)
-            return client.wait_for(about_it, STEER_WAIT_S)
+        return send_action(settings.amqp_url, settings.ca_file, action, STEER_WAIT_S)
 
     return steer
 
@@ -428,7 +421,7 @@ async def logout(request: Request) -> Response:
 
 
 async def act(request: Request) -> Response:
-    """Abort (or retry) a saga for the signed-in operator, with their reason."""
+    """Abort or retry a saga for the signed-in operator, with their reason."""
     console = _console(request)
     form = await request.form()
     operator = console.operators.signed_in(request.session)
@@ -465,11 +458,12 @@ async def act(request: Request) -> Response:
 def _outcome(action: OperatorAction, answer: Envelope | None) -> tuple[str, str]:
     if isinstance(answer, ActionRefused):
         return "error", f"{action.type} refused: {answer.detail}"
-    if isinstance(answer, SagaFinished):
-        return "ok", f"{action.type} done: the saga ended {answer.status}"
-    if answer is not None and hasattr(answer, "detail"):
-        return "ok", f"{action.type}: {answer.detail}"
-    return "ok", f"{action.type} sent; the saga has not ended yet: this page follows it"
+    if isinstance(answer, ActionTaken):
+        return "ok", f"{action.type} taken: {answer.detail}"
+    return "error", (
+        f"{action.type} sent, but the orchestrator has not answered in {STEER_WAIT_S:g}s: "
+        "it acts on it when it runs; this page shows what happens"
+    )
 
 
 def _forbidden(console: Console, request: Request, why: str) -> Response:

@@ -23,8 +23,10 @@ from starlette.testclient import TestClient
 from messages.contract.models import (
     AbortSaga,
     ActionRefused,
+    ActionTaken,
     Envelope,
     OperatorAction,
+    RetrySaga,
 )
 from orchestrator.engine import Decision, start
 from orchestrator.settings import WebSettings
@@ -298,10 +300,14 @@ def test_static_files_are_served_and_nothing_comes_from_elsewhere(client: TestCl
 
 
 def abort(
-    client: TestClient, saga_id: UUID, csrf: str | None, reason: str = "customer called"
+    client: TestClient,
+    saga_id: UUID,
+    csrf: str | None,
+    reason: str = "customer called",
+    action: str = "abort",
 ) -> httpx2.Response:
     form = {"reason": reason} | ({"csrf": csrf} if csrf is not None else {})
-    return client.post(f"/sagas/{saga_id}/abort", data=form, follow_redirects=False)
+    return client.post(f"/sagas/{saga_id}/{action}", data=form, follow_redirects=False)
 
 
 def test_a_read_only_console_says_so_and_refuses_actions(
@@ -355,6 +361,9 @@ def test_an_action_without_the_sessions_csrf_token_is_refused(
 def test_an_operator_aborts_with_a_reason_recorded_as_theirs(
     client: TestClient, sagas: Sagas, steering: Steering
 ) -> None:
+    steering.answer = ActionTaken(
+        saga_id=sagas.running, action="AbortSaga", detail="compensating: ReleaseStock sent"
+    )
     assert sign_in(client) == 303
     page = client.get(f"/sagas/{sagas.running}").text
     assert 'id="abort-form"' in page
@@ -365,8 +374,51 @@ def test_an_operator_aborts_with_a_reason_recorded_as_theirs(
     assert isinstance(action, AbortSaga)
     assert (action.saga_id, action.reason) == (sagas.running, "customer called")
     assert action.requested_by == "alice (web console)"
-    assert "AbortSaga sent" in client.get(f"/sagas/{sagas.running}").text  # said once
-    assert "AbortSaga sent" not in client.get(f"/sagas/{sagas.running}").text
+    said = "AbortSaga taken: compensating: ReleaseStock sent"
+    assert said in client.get(f"/sagas/{sagas.running}").text
+    assert said not in client.get(f"/sagas/{sagas.running}").text  # said once
+
+
+def test_an_operator_retries_a_waiting_saga(
+    client: TestClient, sagas: Sagas, steering: Steering
+) -> None:
+    steering.answer = ActionTaken(
+        saga_id=sagas.running, action="RetrySaga", detail="ReserveStock sent again, attempt 2"
+    )
+    assert sign_in(client) == 303
+    page = client.get(f"/sagas/{sagas.running}").text
+    assert 'id="retry-form"' in page
+    abort(client, sagas.running, csrf_of(page), "inventory is back", action="retry")
+    (action,) = steering.sent
+    assert isinstance(action, RetrySaga)
+    assert (action.reason, action.requested_by) == ("inventory is back", "alice (web console)")
+    said = "RetrySaga taken: ReserveStock sent again, attempt 2"
+    assert said in client.get(f"/sagas/{sagas.running}").text
+
+
+def test_no_answer_from_the_orchestrator_is_said_plainly(
+    client: TestClient, sagas: Sagas, steering: Steering
+) -> None:
+    assert sign_in(client) == 303
+    abort(client, sagas.running, csrf_of(client.get(f"/sagas/{sagas.running}").text))
+    assert len(steering.sent) == 1
+    page = client.get(f"/sagas/{sagas.running}").text
+    assert "AbortSaga sent, but the orchestrator has not answered" in page
+
+
+def test_a_finished_saga_offers_no_actions(client: TestClient, sagas: Sagas) -> None:
+    assert sign_in(client) == 303
+    page = client.get(f"/sagas/{sagas.declined}").text
+    assert 'id="abort-form"' not in page
+    assert 'id="retry-form"' not in page
+    assert "has ended COMPENSATED: there is nothing left to abort or retry" in page
+
+
+def test_an_unknown_action_is_a_404(client: TestClient, sagas: Sagas, steering: Steering) -> None:
+    assert sign_in(client) == 303
+    page = client.get(f"/sagas/{sagas.running}").text
+    assert abort(client, sagas.running, csrf_of(page), action="delete").status_code == 404
+    assert steering.sent == []
 
 
 def test_a_refusal_from_the_orchestrator_is_shown(
