@@ -18,7 +18,8 @@ from tests.integration.stack import Stack
 
 # The broker of this run (and the container behind it, if testcontainers started one).
 _BROKER = pytest.StashKey[tuple[Broker, Any]]()
-# Exit status when the broker the selected tests need is not there: a failure, never a skip.
+# Exit status when the broker (or PostgreSQL, or chromium) the selected tests need is not
+# there: a failure, never a skip.
 NO_BROKER = 3
 
 
@@ -54,14 +55,25 @@ def _check_postgres() -> None:
         )
 
 
+def _check_chromium() -> None:
+    from scripts.harness.browser import chromium_problem  # Playwright, only when needed
+
+    problem = chromium_problem()
+    if problem:
+        pytest.exit(f"no browser for the console tests: {problem}", returncode=NO_BROKER)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Check the broker and PostgreSQL before the first test, if a selected test needs them."""
+    """Check the broker, PostgreSQL and chromium before the first test, if a selected test
+    needs them."""
     if session.config.option.collectonly:
         return
     if any(item.get_closest_marker("broker") for item in session.items):
         _broker_of(session.config)
     if any(item.get_closest_marker("postgres") for item in session.items):
         _check_postgres()
+    if any(item.get_closest_marker("browser") for item in session.items):
+        _check_chromium()
 
 
 @pytest.fixture

@@ -120,6 +120,18 @@ class Process:
         if self.popen is not None:
             self.popen.send_signal(signal.SIGKILL)
 
+    def freeze(self) -> None:
+        """SIGSTOP: alive, connected, and silent, like a process hung on a lock. Does not wait."""
+        if self.running():
+            assert self.popen is not None
+            self.popen.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT: a frozen process goes on where it stopped."""
+        if self.running():
+            assert self.popen is not None
+            self.popen.send_signal(signal.SIGCONT)
+
     def terminate(self) -> None:
         """SIGTERM, if it runs. Does not wait."""
         if self.running():

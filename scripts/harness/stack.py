@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,16 @@ class Stack:
         process = self.services.pop(name)
         process.kill()
         process.wait_stopped()
+
+    @contextmanager
+    def frozen(self, name: str) -> Iterator[Process]:
+        """Service ``name`` SIGSTOPped for the block: its messages wait; thawed on the way out."""
+        process = self.services[name]
+        process.freeze()
+        try:
+            yield process
+        finally:
+            process.thaw()
 
     def stop_all(self, grace_s: float = 10.0) -> None:
         """SIGTERM every service, SIGKILL what is left after ``grace_s``."""
