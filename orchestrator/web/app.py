@@ -393,7 +393,8 @@ async def dead_letters_page(request: Request) -> Response:
 
 
 async def login_page(request: Request) -> Response:
-    return _console(request).page(request, "login.html", error=None)
+    next_page = _local(request.query_params.get("next", ""))
+    return _console(request).page(request, "login.html", error=None, next_page=next_page)
 
 
 async def login(request: Request) -> Response:
@@ -404,13 +405,15 @@ async def login(request: Request) -> Response:
     if not console.operators.configured:
         return _forbidden(console, request, "no operators are configured: read-only console")
     name, password = str(form.get("name", "")), str(form.get("password", ""))
+    next_page = _local(str(form.get("next", "")))
     if not console.operators.check(name, password):
         log.warning("failed sign-in to the console as %r", name[:64])
         await asyncio.sleep(1.0)  # slows guessing down
-        return console.page(request, "login.html", 401, error="wrong name or password")
+        error = "wrong name or password"
+        return console.page(request, "login.html", 401, error=error, next_page=next_page)
     auth.sign_in(request.session, name)
     log.info("operator %s signed in to the console", name)
-    return RedirectResponse(_local(str(form.get("next", ""))) or "/sagas", 303)
+    return RedirectResponse(next_page or "/sagas", 303)
 
 
 async def logout(request: Request) -> Response:

@@ -148,6 +148,9 @@ def waterfall(history: Sequence[HistoryEntry], now: datetime) -> Waterfall:
         if entry.step == SAGA:
             marks.append(Mark(entry.event, at, entry.detail))
         elif entry.event == "sent":
+            if (superseded := waiting.pop(entry.step, None)) is not None:
+                # An abort sends the step's compensation while its command is unanswered.
+                superseded.end_s, superseded.outcome = at, "unanswered"
             command = entry.detail.split(" attempt ")[0] or entry.step
             bar = Bar(
                 entry.step,

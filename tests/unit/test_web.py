@@ -493,3 +493,16 @@ def test_a_database_outage_is_a_503_and_the_console_recovers_by_itself(
                 time.sleep(0.2)
     finally:
         store.close()
+
+
+def test_after_a_wrong_password_sign_in_still_returns_to_the_saga(
+    client: TestClient, sagas: Sagas
+) -> None:
+    page = client.get(f"/login?next=/sagas/{sagas.running}").text
+    form = {"csrf": csrf_of(page), "name": "alice", "password": "wrong-password"}
+    again = client.post("/login", data=form | {"next": f"/sagas/{sagas.running}"})
+    assert again.status_code == 401
+    form = {"csrf": csrf_of(again.text), "name": "alice", "password": PASSWORD}
+    form["next"] = re.search(r'name="next" value="([^"]*)"', again.text)[1]  # type: ignore[index]
+    signed_in = client.post("/login", data=form, follow_redirects=False)
+    assert signed_in.headers["location"] == f"/sagas/{sagas.running}"
