@@ -23,8 +23,10 @@ from pathlib import Path
 # `python scripts/console_screenshots.py` puts scripts/ on the path, not the checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pika
 from playwright.sync_api import Browser, Error, Page, ViewportSize, sync_playwright
 
+from messages.contract import topology
 from messages.errors import ConfigurationError
 from messages.plumbing.settings import BrokerSettings, load
 from scripts.harness.browser import BrowserError, Console, launch, start_console
@@ -55,7 +57,7 @@ SETTINGS = {
     "SAGA_WEB_REFRESH_S": "0.5",
 }
 VIEWPORT = ViewportSize(width=1280, height=800)
-ABORT_MS = 15_000  # the console waits up to 5 s for an aborted saga to end
+ABORT_MS = 15_000  # the console waits up to 5 s for the orchestrator to answer
 
 
 class ShotError(Exception):
@@ -114,6 +116,20 @@ def photograph(page: Page, url: str, path: Path) -> None:
     page.screenshot(path=str(path), full_page=True)
 
 
+def dead_letter_one(stack: Stack) -> None:
+    """A charge no payment service can read: it dead-letters it, the overview counts it."""
+    connection = pika.BlockingConnection(pika.URLParameters(stack.amqp_url))
+    try:
+        connection.channel().basic_publish(
+            topology.COMMANDS_EXCHANGE,
+            "payment",
+            b'{"type": "ChargePayment", "amount": "lots"}',
+            pika.BasicProperties(content_type="application/json", type="ChargePayment"),
+        )
+    finally:
+        connection.close()
+
+
 def shoot(stack: Stack, out: Path, management_url: str | None) -> None:
     stack.orchestrator()
     stack.worker("inventory", "--stock", STOCK)
@@ -135,6 +151,9 @@ def shoot(stack: Stack, out: Path, management_url: str | None) -> None:
                     page.locator("#sagas tr", has_text=WAITING).locator(".stuck").wait_for()
                     photograph(page, console.at("/sagas"), out / "list.png")
                     photograph(page, console.at(f"/sagas/{declined}"), out / "saga.png")
+                    dead_letter_one(stack)
+                    page.goto(console.at("/overview"))
+                    page.locator(".dlq tr.alarm").wait_for()  # counted on the overview
                     photograph(page, console.at("/overview"), out / "overview.png")
                 finally:
                     waiting.kill()  # the saga completes without it once order is thawed
