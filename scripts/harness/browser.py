@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from playwright.sync_api import Browser, Playwright
 
-from scripts.harness.processes import READY_TIMEOUT_S, Process, ProcessError
+from scripts.harness.processes import READY_TIMEOUT_S, Process
 from scripts.harness.stack import Stack
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -101,16 +100,8 @@ def start_console(
 
 def wait_healthy(console: Console, timeout: float = READY_TIMEOUT_S) -> None:
     """Until the console's /healthz answers 200; ProcessError if it exits or never does."""
-    process = console.process
-    deadline = time.monotonic() + timeout
-    while not _healthy(console.at("/healthz")):
-        if not process.running():
-            raise ProcessError(f"{process.name} exited ({process.poll()}):\n{process.tail()}")
-        if time.monotonic() > deadline:
-            raise ProcessError(
-                f"{process.name}: {console.url}/healthz never said ok:\n{process.tail()}"
-            )
-        time.sleep(0.1)
+    healthz = console.at("/healthz")
+    console.process.wait_until(lambda: _healthy(healthz), f"said ok at {healthz}", timeout)
 
 
 def _healthy(url: str) -> bool:

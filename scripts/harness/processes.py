@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,12 +107,16 @@ class Process:
         self, text: str, timeout: float = READY_TIMEOUT_S, since_start: bool = True
     ) -> None:
         """Until the current run (or any run) logs ``text``; ProcessError if it exits or hangs."""
+        self.wait_until(lambda: text in self.output(since_start), f"logged {text!r}", timeout)
+
+    def wait_until(self, done: Callable[[], bool], what: str, timeout: float) -> None:
+        """Until ``done()``; ProcessError with the log if it exits first, or after ``timeout``."""
         deadline = time.monotonic() + timeout
-        while text not in self.output(since_start):
+        while not done():
             if not self.running():
                 raise ProcessError(f"{self.name} exited ({self.poll()}):\n{self.output()}")
             if time.monotonic() > deadline:
-                raise ProcessError(f"{self.name} never logged {text!r}:\n{self.output()}")
+                raise ProcessError(f"{self.name} never {what}:\n{self.output()}")
             time.sleep(0.05)
 
     def kill(self) -> None:
