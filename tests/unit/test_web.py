@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,7 +38,6 @@ from orchestrator.web.views import PAGE_SIZE
 from tests.conftest import POSTGRES_URL
 from tests.unit.test_store import SAGA, answer, place_order, started
 
-NOW = datetime.now(UTC)
 PASSWORD = "correct-horse"
 
 
@@ -58,18 +58,19 @@ class Sagas:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.now = datetime.now(UTC)  # per test: a suite takes minutes
         self.writer = SqliteStore(path)
         # waiting for ReserveStock for 5 s
-        self.running = self.add(started(NOW - timedelta(seconds=5)))
+        self.running = self.add(started(self.now - timedelta(seconds=5)))
         # a declined payment two minutes ago: stock reserved in 10 ms, the charge refused
         # 20 ms later, the stock released 30 ms after that
-        at = NOW - timedelta(minutes=2)
+        at = self.now - timedelta(minutes=2)
         declined = answer(started(at), ok=True, at=at + timedelta(milliseconds=10))
         declined = answer(declined, ok=False, at=at + timedelta(milliseconds=30))
         self.declined = self.add(answer(declined, ok=True, at=at + timedelta(milliseconds=60)))
         # another customer's order, completed three hours ago, each reply after 40 ms
         other = place_order().model_copy(update={"customer_id": "cust-7", "sku": "SKU-9"})
-        at = NOW - timedelta(hours=3)
+        at = self.now - timedelta(hours=3)
         done = start(SAGA, other, "amq.gen-reply", at)
         for n in (1, 2, 3):
             done = answer(done, ok=True, at=at + timedelta(milliseconds=40 * n))
@@ -179,7 +180,7 @@ def test_stuck_lists_sagas_waiting_longer_than_the_setting(
     client: TestClient, sagas: Sagas
 ) -> None:
     assert ids(client, "?stuck=1") == []  # the running saga has waited 5 s of 60
-    old = sagas.add(started(NOW - timedelta(minutes=5)))
+    old = sagas.add(started(sagas.now - timedelta(minutes=5)))
     assert ids(client, "?stuck=1") == [str(old)]
     assert re.search(r'class="stuck">\d+m<', client.get("/sagas?stuck=1").text)
 
@@ -207,7 +208,7 @@ def test_a_bad_filter_is_a_clear_400(client: TestClient, query: str, says: str) 
 
 def test_pages_of_sagas_newest_first(client: TestClient, sagas: Sagas) -> None:
     for n in range(PAGE_SIZE + 2):
-        sagas.add(started(NOW - timedelta(days=1, seconds=n)))
+        sagas.add(started(sagas.now - timedelta(days=1, seconds=n)))
     first = client.get("/api/sagas").json()
     second = client.get("/api/sagas?page=2").json()
     assert (len(first["sagas"]), first["more"]) == (PAGE_SIZE, True)
@@ -506,3 +507,15 @@ def test_after_a_wrong_password_sign_in_still_returns_to_the_saga(
     form["next"] = re.search(r'name="next" value="([^"]*)"', again.text)[1]  # type: ignore[index]
     signed_in = client.post("/login", data=form, follow_redirects=False)
     assert signed_in.headers["location"] == f"/sagas/{sagas.running}"
+
+
+def test_an_installed_console_has_its_templates_and_static_files() -> None:
+    """pyproject ships every file the console serves (the Docker image installs it)."""
+    root = Path(__file__).resolve().parents[2]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "orchestrator.web" in setuptools["packages"]
+    patterns = setuptools["package-data"]["orchestrator.web"]
+    web = root / "orchestrator" / "web"
+    served = [p.relative_to(web) for d in ("templates", "static") for p in (web / d).iterdir()]
+    assert served
+    assert [str(p) for p in served if not any(p.match(g) for g in patterns)] == []
