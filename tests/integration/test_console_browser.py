@@ -181,6 +181,8 @@ def test_an_operator_aborts_a_waiting_saga_and_sees_it_compensate(shop: Shop, pa
     expect(page.locator(release)).to_be_visible()
     abort = page.locator("table.history tr.ev-abort_requested")
     expect(abort).to_contain_text(f"by {OPERATOR} (web console): {REASON}")
+    expect(page.locator("#abort-form")).to_be_hidden()  # an ended saga offers no actions
+    expect(page.locator("#retry-form")).to_be_hidden()
     assert_not_reloaded(page)
     out, err = order.communicate(timeout=30)
     assert json.loads(out)["status"] == "COMPENSATED", (out, err)

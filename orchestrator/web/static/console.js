@@ -9,6 +9,10 @@ function follow(element) {
   source.onmessage = (event) => {
     element.innerHTML = event.data;
     element.dataset.updated = String(Date.now());
+    // A saga that has ended offers no actions any more.
+    if (element.querySelector("[data-finished=true]")) {
+      document.querySelectorAll("[data-while-running]").forEach((form) => { form.hidden = true; });
+    }
     const live = indicator();
     if (live) { live.className = "live"; live.textContent = "live"; }
   };
