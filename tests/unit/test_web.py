@@ -31,7 +31,7 @@ from messages.contract.models import (
 )
 from orchestrator.engine import Decision, start
 from orchestrator.settings import WebSettings
-from orchestrator.store import SqliteStore, open_store
+from orchestrator.store import open_store
 from orchestrator.store.postgres import PostgresStore
 from orchestrator.web.app import create_app
 from orchestrator.web.views import PAGE_SIZE
@@ -54,12 +54,13 @@ class Steering:
 
 
 class Sagas:
-    """A store with a few sagas in it: the ids of each kind."""
+    """A store with a few sagas in it (``store_url``: a SQLite file or PostgreSQL): the ids
+    of each kind."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, store_url: str) -> None:
+        self.store_url = store_url
         self.now = datetime.now(UTC)  # per test: a suite takes minutes
-        self.writer = SqliteStore(path)
+        self.writer = open_store(WebSettings(store_url=store_url))
         # waiting for ReserveStock for 5 s
         self.running = self.add(started(self.now - timedelta(seconds=5)))
         # a declined payment two minutes ago: stock reserved in 10 ms, the charge refused
@@ -80,9 +81,13 @@ class Sagas:
         return self.writer.commit(decision.state, []).saga_id
 
 
-@pytest.fixture
-def sagas(tmp_path: Path) -> Iterator[Sagas]:
-    made = Sagas(tmp_path / "orchestrator.db")
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def sagas(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sagas]:
+    """Every console test on both stores the console reads."""
+    if request.param == "postgres":
+        made = Sagas(request.getfixturevalue("postgres_url"))
+    else:
+        made = Sagas(str(tmp_path / "orchestrator.db"))
     yield made
     made.writer.close()
 
@@ -91,11 +96,11 @@ def console(
     sagas: Sagas, steering: Steering, operators: dict[str, str] | None = None
 ) -> Iterator[TestClient]:
     settings = WebSettings(
-        data_dir=sagas.path.parent,
+        store_url=sagas.store_url,
         web_operators={k: SecretStr(v) for k, v in (operators or {}).items()},
         stuck_after_s=60,
     )
-    store = SqliteStore(sagas.path, readonly=True)
+    store = open_store(settings, readonly=True, live=True)
     try:
         with TestClient(create_app(settings, store, steering)) as client:
             yield client
