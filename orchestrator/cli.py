@@ -12,7 +12,6 @@ import asyncio
 import getpass
 import json
 import os
-import re
 import socket
 import sqlite3
 import sys
@@ -36,21 +35,18 @@ from messages.plumbing.settings import load
 from messages.plumbing.timeline import format_timeline, render_result
 from orchestrator.definition import as_text
 from orchestrator.provision import ProvisionSettings, provision
-from orchestrator.report import age, current_step, seconds_text, summary
+from orchestrator.report import age, current_step, parse_duration, seconds_text, summary
 from orchestrator.runtime import Orchestrator, definition_from
 from orchestrator.settings import OrchestratorSettings, WebSettings
 from orchestrator.steer import send_action
 from orchestrator.store import SagaFilter, SagaStore, open_store, order_fields
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
 
 def _duration(text: str) -> timedelta:
-    match = _DURATION.match(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"expected e.g. 30s, 10m, 2h or 1d, got {text!r}")
-    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _state(text: str) -> SagaStatus:

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import datetime, timedelta
 
 from orchestrator.engine import SAGA, SagaState
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$", re.ASCII)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+LONGEST = timedelta(days=36500)  # "within 100 years" is everything; more is a typo
+
+
+def parse_duration(text: str) -> timedelta:
+    """'30s', '10m', '2h', '1d' as a timedelta; ValueError saying what is expected."""
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise ValueError(f"expected e.g. 30s, 10m, 2h or 1d, got {text!r}")
+    seconds = float(match[1]) * _UNITS[match[2]]
+    if seconds > LONGEST.total_seconds():  # before timedelta(), which would overflow
+        raise ValueError(f"{text!r} is longer than 100 years")
+    return timedelta(seconds=seconds)
 
 
 def current_step(state: SagaState) -> str:

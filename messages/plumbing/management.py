@@ -68,7 +68,12 @@ class ManagementApi:
             raise ConfigurationError(
                 f"the management API at {redact(self.base_url)} does not answer ({exc})"
             ) from exc
-        return json.loads(payload) if payload else None
+        try:
+            return json.loads(payload) if payload else None
+        except ValueError as exc:  # a proxy's error page, say
+            raise ConfigurationError(
+                f"management API {method} /api/{path}: not JSON ({payload[:80]!r})"
+            ) from exc
 
     # --- vhosts, queues and connections: what the harness and the tests use -----------------
 

@@ -199,14 +199,17 @@ class SqlStore(ABC):
             sql.append(f"waiting_since <= {p}")
             args.append(where.stuck_before.timestamp())
         if where.reason:
-            sql.append(f"lower(reason) LIKE {p}")
-            args.append(f"%{where.reason.lower()}%")
+            # Its own % and _ are characters to find, not wildcards.
+            sql.append(f"lower(reason) LIKE {p} ESCAPE '!'")
+            text = where.reason.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_")
+            args.append(f"%{text}%")
         for field, value in where.input:
             sql.append(f"{self.INPUT_FIELD} = {p}")
             args.extend((field, value))
         rows = self._select(
             f"SELECT saga_id, state FROM sagas WHERE {' AND '.join(sql)}"
-            f" ORDER BY created_at DESC LIMIT {p} OFFSET {p}",
+            # saga_id breaks ties, so that no saga is on two pages or on none
+            f" ORDER BY created_at DESC, saga_id DESC LIMIT {p} OFFSET {p}",
             (*args, limit, offset),
         )
         listed = []

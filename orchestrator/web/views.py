@@ -18,13 +18,12 @@ from messages.contract.models import HistoryEntry, SagaStatus
 from messages.errors import InvalidQueryError
 from messages.plumbing.timeline import format_offset
 from orchestrator.engine import SAGA, SagaState
+from orchestrator.report import parse_duration
 from orchestrator.store import SagaFilter, order_fields
 
 PAGE_SIZE = 25
 # Filters the list takes from its query string, each a field of the form on the page.
 FILTERS = ("state", "stuck", "age", "reason", "customer", "sku")
-_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _TEXT = re.compile(r"^[\w.:@ -]{1,64}$")  # what a customer, SKU or reason filter may hold
 
 
@@ -59,10 +58,10 @@ def list_query(params: Mapping[str, str], now: datetime, stuck_after_s: float) -
             )
     since = None
     if given["age"]:
-        match = _AGE.match(given["age"])
-        if match is None:
-            raise InvalidQueryError(f"age {given['age']!r}: e.g. 30s, 10m, 2h or 1d")
-        since = now - timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+        try:
+            since = now - parse_duration(given["age"])
+        except ValueError as exc:
+            raise InvalidQueryError(f"age: {exc}") from None
     for name in ("reason", "customer", "sku"):
         if given[name] and not _TEXT.match(given[name]):
             raise InvalidQueryError(
@@ -71,7 +70,7 @@ def list_query(params: Mapping[str, str], now: datetime, stuck_after_s: float) -
     if given["stuck"] not in ("", "1", "on", "true"):
         raise InvalidQueryError(f"stuck {given['stuck']!r}: 1 or nothing")
     page_text = params.get("page", "1").strip() or "1"
-    if not page_text.isdigit() or not 1 <= int(page_text) <= 100_000:
+    if not (page_text.isascii() and page_text.isdigit()) or not 1 <= int(page_text) <= 100_000:
         raise InvalidQueryError(f"page {page_text!r}: a number from 1")
     where = SagaFilter(
         status=status,
@@ -90,19 +89,28 @@ _REPLIES = {"succeeded", "failed", "timed_out", "compensated", "compensation_fai
 
 @dataclass
 class Bar:
-    """One send of a command or compensation, from its send to what ended its wait."""
+    """One send of a command or compensation, from its send to what ended its wait.
+
+    The engine records the first sends of a command and then every tenth (a step resent
+    for hours would otherwise fill the history): the sends in between, never in the
+    history, are one bar of their own (``unrecorded``), from the time-out before them to
+    the next recorded send or the reply.
+    """
 
     step: str
     command: str  # ReserveStock, ReleaseStock, ...
-    attempt: int
+    attempt: int  # the first attempt this bar stands for
     compensation: bool
     start_s: float
     end_s: float | None = None  # None: still waiting
     outcome: str = "waiting"  # or the event that ended it: succeeded, timed_out, ...
     detail: str = ""
+    unrecorded: bool = False
 
     @property
     def label(self) -> str:
+        if self.unrecorded:
+            return f"{self.command} (attempts {self.attempt} on, not in the history)"
         return self.command + (f" (attempt {self.attempt})" if self.attempt > 1 else "")
 
 
@@ -135,7 +143,8 @@ class Waterfall:
 def waterfall(history: Sequence[HistoryEntry], now: datetime) -> Waterfall:
     """Each send as a bar from its send to its reply or time-out; saga events as marks.
 
-    A bar still waiting (the saga is running) reaches ``now``.
+    A bar still waiting reaches ``now`` while the saga runs; once it has ended, a send that
+    was never answered (an abort, say) ends where the saga did.
     """
     if not history:
         return Waterfall([], [], 1.0, [])
@@ -143,18 +152,25 @@ def waterfall(history: Sequence[HistoryEntry], now: datetime) -> Waterfall:
     bars: list[Bar] = []
     marks: list[Mark] = []
     waiting: dict[str, Bar] = {}
+    ended: float | None = None
     for entry in history:
         at = (entry.at - start).total_seconds()
         if entry.step == SAGA:
             marks.append(Mark(entry.event, at, entry.detail))
+            if entry.status.finished and ended is None:
+                ended = at
         elif entry.event == "sent":
-            if (superseded := waiting.pop(entry.step, None)) is not None:
-                # An abort sends the step's compensation while its command is unanswered.
-                superseded.end_s, superseded.outcome = at, "unanswered"
-            command = entry.detail.split(" attempt ")[0] or entry.step
+            if (before := waiting.pop(entry.step, None)) is not None:
+                again = before.command == command_of(entry)
+                if before.unrecorded and before.start_s == at:
+                    bars.remove(before)  # the resend after the time-out is this one
+                elif before.unrecorded and again:  # sends not recorded, each timed out
+                    before.end_s, before.outcome = at, "timed_out"
+                else:  # an abort sends the compensation while the command is unanswered
+                    before.end_s, before.outcome = at, "unanswered"
             bar = Bar(
                 entry.step,
-                command,
+                command_of(entry),
                 entry.attempt or 1,
                 entry.status is SagaStatus.COMPENSATING,
                 at,
@@ -164,13 +180,27 @@ def waterfall(history: Sequence[HistoryEntry], now: datetime) -> Waterfall:
         elif entry.event in _REPLIES and entry.step in waiting:
             bar = waiting.pop(entry.step)
             bar.end_s, bar.outcome, bar.detail = at, entry.event, entry.detail
+            if entry.event == "timed_out":  # resent at once, recorded or not
+                resent = Bar(bar.step, bar.command, bar.attempt + 1, bar.compensation, at)
+                resent.unrecorded = True
+                bars.append(resent)
+                waiting[entry.step] = resent
+    for step, bar in list(waiting.items()):
+        if bar.unrecorded and ended is not None and bar.start_s >= ended:
+            bars.remove(bar)  # the saga ended at that time-out: nothing was resent
+            del waiting[step]
     last = (history[-1].at - start).total_seconds()
-    running = bool(waiting) and not history[-1].status.finished
-    total = max((now - start).total_seconds() if running else last, 0.001)
-    for bar in waiting.values():
-        if not running:  # ended without an answer (aborted, say): up to the end
-            bar.end_s, bar.outcome = last, "unanswered"
+    running = ended is None
+    total = max((now - start).total_seconds() if running and waiting else last, 0.001)
+    if not running:
+        for bar in waiting.values():
+            bar.end_s, bar.outcome = ended, "unanswered"
     return Waterfall(bars, marks, total, _ticks(total))
+
+
+def command_of(entry: HistoryEntry) -> str:
+    """The command a ``sent`` entry names ("ChargePayment attempt 2" -> ChargePayment)."""
+    return entry.detail.split(" attempt ")[0] or entry.step
 
 
 def _ticks(total_s: float) -> list[tuple[float, str]]:
@@ -226,8 +256,10 @@ def latencies(sagas: Sequence[SagaState]) -> list[Latency]:
         sent: dict[str, tuple[str, datetime]] = {}
         for entry in state.history:
             if entry.event == "sent":
-                sent[entry.step] = (entry.detail.split(" attempt ")[0], entry.at)
-            elif entry.event in _REPLIES - {"timed_out"} and entry.step in sent:
+                sent[entry.step] = (command_of(entry), entry.at)
+            elif entry.event == "timed_out":
+                sent.pop(entry.step, None)  # the reply, if any, answers a later send
+            elif entry.event in _REPLIES and entry.step in sent:
                 command, at = sent.pop(entry.step)
                 samples[(entry.step, command)].append((entry.at - at).total_seconds() * 1000)
     rows = []
@@ -270,6 +302,7 @@ class DeadLetter:
     original_queue: str
     saga_id: str
     body: str
+    deliveries: int | None  # a quorum queue's count, looks included; None where not kept
 
 
 def dead_letter(message: Mapping[str, object]) -> DeadLetter:
@@ -290,4 +323,5 @@ def dead_letter(message: Mapping[str, object]) -> DeadLetter:
         original_queue=str(headers.get(topology.QUEUE_HEADER, "")),
         saga_id=str(properties.get("correlation_id", "")),
         body=str(message.get("payload", "")),
+        deliveries=count if isinstance(count := headers.get("x-delivery-count"), int) else None,
     )

@@ -361,7 +361,7 @@ def test_limit_option_takes_a_currency(tmp_path: Path) -> None:
 def test_the_quick_start_logs_are_not_committed() -> None:
     quick_start = (ROOT / "README.md").read_text().split("## Quick start without Docker")[1]
     logs = re.findall(r"> (\S+\.log) 2>&1", quick_start.split("```")[1])
-    assert logs == ["workers.log", "orchestrator.log"]
+    assert logs == ["workers.log", "orchestrator.log", "web.log"]
     ignored = subprocess.run(["git", "check-ignore", *logs], cwd=ROOT, capture_output=True)
     assert ignored.stdout.decode().split() == logs
 

@@ -618,6 +618,8 @@ def test_sagas_filter_by_reason_input_stuck_and_age_and_page(store: SagaStore) -
 
     assert ids(SagaFilter(reason="NO")) == [declined.saga_id]  # any case, part of the reason
     assert ids(SagaFilter(reason="declined")) == []
+    assert ids(SagaFilter(reason="_")) == []  # a character to find, not a wildcard
+    assert ids(SagaFilter(reason="%")) == []
     assert ids(SagaFilter(input=order_fields(sku="SKU-2"))) == [waiting.saga_id]
     assert ids(SagaFilter(input=order_fields(customer_id="cust-42", sku="SKU-1"))) == [
         recent.saga_id,
