@@ -99,8 +99,9 @@ class WebSettings(OrchestratorSettings):
     )
     web_secret: SecretStr | None = Field(
         default=None,
-        description="Key that signs session cookies; unset: a new one at every start, "
-        "which signs every operator out",
+        description="Key that signs session cookies (32 characters or more: whoever knows it "
+        "can make a session of any operator); unset: a new one at every start, which signs "
+        "every operator out",
     )
     management_url: str | None = Field(
         default=None,
@@ -111,6 +112,15 @@ class WebSettings(OrchestratorSettings):
     web_refresh_s: float = Field(
         default=1.0, gt=0, description="How often live pages look for changes in the store"
     )
+
+    @field_validator("web_secret")
+    @classmethod
+    def _secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None  # empty (compose's default): a new key at every start
+        if len(value.get_secret_value()) < 32:
+            raise ValueError("32 characters or more: it signs operators' sessions")
+        return value
 
     @field_validator("web_operators")
     @classmethod

@@ -26,6 +26,7 @@ from uuid import UUID
 
 import jinja2
 import uvicorn
+from markupsafe import escape
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -79,6 +80,8 @@ ACTIONS: dict[str, Callable[..., OperatorAction]] = {"abort": AbortSaga, "retry"
 OVERVIEW_MINUTES = 30
 LATENCY_SAMPLE = 500  # newest sagas whose histories the step latencies are taken from
 STEER_WAIT_S = 5.0
+DLQ_PEEK = 20  # messages shown of a dead-letter queue
+MAX_STREAMS = 64  # live pages open at once: each reads the store every SAGA_WEB_REFRESH_S
 
 
 def broker_steer(settings: WebSettings) -> Steer:
@@ -106,6 +109,7 @@ class Console:
         self.management = management
         self.operators = auth.Operators(settings.web_operators)
         self.stopping = asyncio.Event()  # set on SIGTERM/SIGINT: live streams end
+        self.streams = 0  # live pages open now
         self.definitions = {d.name: d for d in [definition_from(settings)]}
         # SQLite: one connection, so one reader at a time; PostgreSQL reads from a pool.
         self._reading: AbstractContextManager[Any] = (
@@ -222,7 +226,7 @@ async def sagas_json(request: Request) -> Response:
 async def sagas_stream(request: Request) -> Response:
     console = _console(request)
     try:
-        await _list(request)
+        views.list_query(request.query_params, _now(), console.settings.stuck_after_s)
     except InvalidQueryError as exc:
         return PlainTextResponse(str(exc), 400)
 
@@ -376,17 +380,35 @@ async def overview_stream(request: Request) -> Response:
 
 
 async def dead_letters_page(request: Request) -> Response:
+    """The first messages of a dead-letter queue, for a signed-in operator.
+
+    Only operators: the messages hold customers' data, and a look is not free: each one
+    is returned to the queue, which a quorum queue may count towards its delivery limit.
+    """
     console = _console(request)
     queue = request.path_params["queue"]
     if not queue.endswith(topology.dead_letter_queue("")) or console.management is None:
         return console.page(request, "missing.html", 404, error=f"no dead-letter queue {queue!r}")
+    if console.operators.signed_in(request.session) is None:
+        return _forbidden(console, request, "sign in as an operator to look into a queue")
     vhost = vhost_of(console.settings.amqp_url)
     try:
-        raw = await run_in_threadpool(console.management.peek, vhost, queue, 20)
+        row = (await run_in_threadpool(console.management.queues, vhost)).get(queue)
+        if row is None:
+            error = f"no dead-letter queue {queue!r}"
+            return console.page(request, "missing.html", 404, error=error)
+        raw = await run_in_threadpool(console.management.peek, vhost, queue, DLQ_PEEK)
     except ConfigurationError as exc:
         return console.page(request, "dead_letters.html", 502, queue=queue, error=str(exc))
-    messages = [views.dead_letter(m) for m in raw]
-    return console.page(request, "dead_letters.html", queue=queue, messages=messages, error=None)
+    log.info("%s looked into %s", console.operators.signed_in(request.session), queue)
+    return console.page(
+        request,
+        "dead_letters.html",
+        queue=queue,
+        quorum=row.get("type") == "quorum",
+        messages=[views.dead_letter(m) for m in raw],
+        error=None,
+    )
 
 
 # --- signing in and acting ---------------------------------------------------------------------
@@ -411,7 +433,7 @@ async def login(request: Request) -> Response:
         await asyncio.sleep(1.0)  # slows guessing down
         error = "wrong name or password"
         return console.page(request, "login.html", 401, error=error, next_page=next_page)
-    auth.sign_in(request.session, name)
+    console.operators.sign_in(request.session, name)
     log.info("operator %s signed in to the console", name)
     return RedirectResponse(next_page or "/sagas", 303)
 
@@ -475,7 +497,9 @@ def _forbidden(console: Console, request: Request, why: str) -> Response:
 
 def _local(path: str) -> str:
     """A path on this console to go back to after signing in; nothing that leaves it."""
-    return path if path.startswith("/") and not path.startswith("//") else ""
+    if not path.startswith("/") or path.startswith("//") or "\\" in path:
+        return ""  # "//host" and "/\\host" are other sites to a browser
+    return path if path.isprintable() else ""
 
 
 # --- plumbing ----------------------------------------------------------------------------------
@@ -487,9 +511,20 @@ def _stream(request: Request, render: Callable[[], Awaitable[str]], every_s: flo
     A stream ends when its client goes, or at once when the console is told to stop (the
     browser reconnects to whichever console answers next).
     """
-    stopping = _console(request).stopping
+    console = _console(request)
+    stopping = console.stopping
+    if console.streams >= MAX_STREAMS:
+        return PlainTextResponse(f"{MAX_STREAMS} live pages are open already", 503)
+    console.streams += 1  # here, not in events(): the next request may come before it runs
 
     async def events() -> AsyncIterator[str]:
+        try:
+            async for event in changes():
+                yield event
+        finally:
+            console.streams -= 1
+
+    async def changes() -> AsyncIterator[str]:
         last = None
         yield "retry: 2000\n\n"
         while not stopping.is_set() and not await request.is_disconnected():
@@ -498,7 +533,7 @@ def _stream(request: Request, render: Callable[[], Awaitable[str]], every_s: flo
             except _NotFound:
                 return
             except (SagaError, sqlite3.Error) as exc:  # the store is out of reach: say so
-                html = f'<p class="error">cannot read the store: {exc}</p>'
+                html = f'<p class="error">cannot read the store: {escape(exc)}</p>'
             if html != last:
                 last = html
                 yield "".join(f"data: {line}\n" for line in html.splitlines() or [""]) + "\n"

@@ -7,6 +7,7 @@ arrival, so another site cannot act in an operator's name. Reading needs no sign
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 from collections.abc import Mapping, MutableMapping
@@ -15,6 +16,7 @@ from typing import Any
 from pydantic import SecretStr
 
 _USER = "operator"
+_KEY = "key"
 _CSRF = "csrf"
 
 
@@ -39,16 +41,26 @@ class Operators:
         return hmac.compare_digest(given, expected)
 
     def signed_in(self, session: Mapping[str, Any]) -> str | None:
-        """The operator this session belongs to, if they are still an operator."""
+        """The operator this session belongs to, while they are an operator with the
+        password they signed in with (a new password signs their sessions out)."""
         name = session.get(_USER)
-        return name if isinstance(name, str) and name in self._passwords else None
+        if not isinstance(name, str) or name not in self._passwords:
+            return None
+        given = session.get(_KEY)
+        if not isinstance(given, str) or not hmac.compare_digest(given, self._key(name)):
+            return None
+        return name
 
+    def sign_in(self, session: MutableMapping[str, Any], name: str) -> None:
+        """Start a session for ``name``, with a new CSRF token (never one from before)."""
+        session.clear()
+        session[_USER] = name
+        session[_KEY] = self._key(name)
+        session[_CSRF] = secrets.token_urlsafe(32)
 
-def sign_in(session: MutableMapping[str, Any], name: str) -> None:
-    """Start a session for ``name``, with a new CSRF token (never one from before)."""
-    session.clear()
-    session[_USER] = name
-    session[_CSRF] = secrets.token_urlsafe(32)
+    def _key(self, name: str) -> str:
+        """What a session keeps of the password: a keyed hash, never the password."""
+        return hmac.new(self._passwords[name], name.encode(), hashlib.sha256).hexdigest()
 
 
 def sign_out(session: MutableMapping[str, Any]) -> None:

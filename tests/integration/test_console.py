@@ -67,6 +67,15 @@ def event_with(client: httpx2.Client, path: str, text: str, timeout: float = 10.
     return event
 
 
+def sign_in(console: httpx2.Client) -> None:
+    login = console.get("/login").text
+    token = re.search(r'name="csrf" value="([^"]+)"', login)
+    assert token
+    form = {"csrf": token[1], "name": "alice", "password": OPERATOR["alice"]}
+    signed_in = console.post("/login", data=form, follow_redirects=True)
+    assert 'id="operator">alice<' in signed_in.text
+
+
 def test_the_list_stream_sends_a_new_saga_as_it_arrives(
     stack: Stack, console: httpx2.Client
 ) -> None:
@@ -128,6 +137,8 @@ def test_dead_letters_are_counted_and_shown_and_stay_in_their_queue(
         topology.dead_letter_queue(topology.REQUESTS_QUEUE),
         topology.dead_letter_queue(topology.REPLIES_QUEUE),
     }
+    assert console.get(f"/dead-letters/{queue}").status_code == 403  # operators only
+    sign_in(console)
     page = console.get(f"/dead-letters/{queue}")
     assert page.status_code == 200
     assert "<strong>invalid_json</strong>" in page.text
@@ -140,12 +151,7 @@ def test_dead_letters_are_counted_and_shown_and_stay_in_their_queue(
 def test_a_refusal_comes_back_from_the_orchestrator(stack: Stack, console: httpx2.Client) -> None:
     done = order(stack)
     assert done["status"] == "COMPLETED"
-    login = console.get("/login").text
-    token = re.search(r'name="csrf" value="([^"]+)"', login)
-    assert token
-    form = {"csrf": token[1], "name": "alice", "password": OPERATOR["alice"]}
-    signed_in = console.post("/login", data=form, follow_redirects=True)
-    assert 'id="operator">alice<' in signed_in.text
+    sign_in(console)
     page = console.get(f"/sagas/{done['saga_id']}").text
     token = re.search(r'name="csrf" value="([^"]+)"', page)
     assert token

@@ -205,3 +205,4 @@ def test_a_console_without_operators_is_read_only(shop: Shop, page: Page) -> Non
     expect(page.locator("#sign-in")).to_have_count(0)
     refused = page.request.post(console.at(f"/sagas/{saga_id}/abort"), form={"reason": "x"})
     assert refused.status == 403
+    assert "read-only console: no operators are configured" in refused.text()

@@ -198,9 +198,10 @@ def management_errors(name: str, settings: WebSettings, broker: Service) -> list
 
 
 def healthcheck_errors(name: str, service: Service, port: int) -> list[str]:
-    """Either no healthcheck, or a GET of the console's own /healthz."""
+    """A healthcheck that GETs the console's own /healthz (so that a supervisor sees a
+    console that cannot read its store)."""
     if "healthcheck" not in service:
-        return []
+        return [f"{name}: no healthcheck"]
     url = healthcheck_url(service)
     expected = f"http://127.0.0.1:{port}/healthz"
     return [] if url == expected else [f"{name}: healthcheck fetches {url!r}, not {expected}"]
@@ -298,14 +299,15 @@ def test_the_console_reads_dead_letters_with_the_brokers_admin_login(
     assert management_errors(console, settings, broker_of(console)) == []
 
 
-def test_the_console_has_operators_and_keeps_sessions_across_restarts(
+def test_the_console_has_operators_and_no_session_key_anyone_could_know(
     console: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The README names the dev operator; a secret of its own keeps them signed in.
+    # The README names the dev operator; a published default key would let anyone make
+    # that operator's session cookie, so there is none: each start makes its own.
     settings = web_settings(console, monkeypatch)
     assert list(settings.web_operators) == ["operator"]
     assert settings.web_operators["operator"].get_secret_value() == "operator-dev-password"
-    assert settings.web_secret is not None
+    assert settings.web_secret is None
 
 
 def test_the_healthcheck_fetches_the_consoles_healthz(
@@ -453,7 +455,7 @@ def test_healthcheck_check_catches_another_url() -> None:
         return {"healthcheck": {"test": ["CMD", "python", "-c", code]}}
 
     fetch = "import urllib.request; urllib.request.urlopen('{}', timeout=5)"
-    assert healthcheck_errors("fine", {}, 8080) == []
+    assert healthcheck_errors("broken", {}, 8080) == ["broken: no healthcheck"]
     assert (
         healthcheck_errors("fine", service(fetch.format("http://127.0.0.1:8080/healthz")), 8080)
         == []

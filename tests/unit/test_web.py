@@ -29,11 +29,12 @@ from messages.contract.models import (
     OperatorAction,
     RetrySaga,
 )
+from messages.errors import StoreTransientError
 from orchestrator.engine import Decision, start
 from orchestrator.settings import WebSettings
 from orchestrator.store import open_store
 from orchestrator.store.postgres import PostgresStore
-from orchestrator.web.app import create_app
+from orchestrator.web.app import MAX_STREAMS, create_app
 from orchestrator.web.views import PAGE_SIZE
 from tests.conftest import POSTGRES_URL
 from tests.unit.test_store import SAGA, answer, place_order, started
@@ -195,7 +196,7 @@ def test_stuck_lists_sagas_waiting_longer_than_the_setting(
     [
         ("?state=LOST", "state 'LOST': one of RUNNING"),
         ("?state=QUARANTINED", "quarantined sagas cannot be read"),
-        ("?age=yesterday", "age 'yesterday': e.g. 30s"),
+        ("?age=yesterday", "age: expected e.g. 30s, 10m, 2h or 1d, got 'yesterday'"),
         ("?customer=%3Cscript%3E", "customer '<script>'"),
         ("?page=0", "page '0'"),
         ("?stuck=maybe", "stuck 'maybe'"),
@@ -524,3 +525,67 @@ def test_an_installed_console_has_its_templates_and_static_files() -> None:
     served = [p.relative_to(web) for d in ("templates", "static") for p in (web / d).iterdir()]
     assert served
     assert [str(p) for p in served if not any(p.match(g) for g in patterns)] == []
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [("?page=%C2%B2", "page '²'"), ("?age=99999999999d", "longer than 100 years")],
+)
+def test_odd_numbers_are_a_400_not_a_crash(client: TestClient, query: str, says: str) -> None:
+    answer = client.get(f"/api/sagas{query}")
+    assert answer.status_code == 400
+    assert says in answer.json()["error"]
+
+
+def test_sign_in_never_follows_a_backslash_off_the_console(client: TestClient) -> None:
+    token = csrf_of(client.get("/login").text)
+    form = {"csrf": token, "name": "alice", "password": PASSWORD, "next": "/\\evil.example"}
+    response = client.post("/login", data=form, follow_redirects=False)
+    assert response.headers["location"] == "/sagas"
+
+
+def test_a_new_password_signs_the_operators_sessions_out(sagas: Sagas, steering: Steering) -> None:
+    for before in console(sagas, steering, {"alice": PASSWORD}):
+        assert sign_in(before) == 303
+        cookies = dict(before.cookies)
+    for after in console(sagas, steering, {"alice": "another-password"}):
+        after.cookies.update(cookies)
+        # the same cookie, a console that knows alice by another password
+        assert 'id="operator"' not in after.get("/sagas").text
+
+
+def test_a_session_key_anyone_could_guess_is_refused() -> None:
+    with pytest.raises(ValueError, match="32 characters or more"):
+        WebSettings(web_secret=SecretStr("web-dev-secret"))
+    assert WebSettings(web_secret=SecretStr("")).web_secret is None  # empty: one per start
+
+
+def test_only_a_signed_in_operator_looks_into_a_dead_letter_queue(
+    client: TestClient, read_only: TestClient
+) -> None:
+    for reader in (client, read_only):
+        page = reader.get("/dead-letters/inventory.commands.dlq")
+        assert page.status_code in (403, 404)
+    # the sign-in link on a refused page goes to a page that can be shown after signing in
+    refused = client.post("/sagas/x/abort", data={"reason": "x"})
+    assert 'href="/login?next=/sagas"' in refused.text
+
+
+def test_a_store_error_in_a_live_page_is_shown_escaped(client: TestClient) -> None:
+    live = client.app.state.console  # type: ignore[attr-defined]
+
+    def broken(*args: object) -> None:
+        live.stopping.set()  # one event, then the stream ends
+        raise StoreTransientError("<b>database</b> gone")
+
+    live.store.sagas = broken
+    body = client.get("/sagas/stream").text
+    assert "cannot read the store: &lt;b&gt;database&lt;/b&gt; gone" in body
+
+
+def test_live_pages_are_capped(client: TestClient) -> None:
+    live = client.app.state.console  # type: ignore[attr-defined]
+    live.streams = MAX_STREAMS
+    refused = client.get("/sagas/stream")
+    assert refused.status_code == 503
+    assert "live pages are open already" in refused.text
