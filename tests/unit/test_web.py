@@ -34,7 +34,8 @@ from orchestrator.engine import Decision, start
 from orchestrator.settings import WebSettings
 from orchestrator.store import open_store
 from orchestrator.store.postgres import PostgresStore
-from orchestrator.web.app import MAX_STREAMS, create_app
+from orchestrator.web.app import create_app
+from orchestrator.web.console import MAX_STREAMS
 from orchestrator.web.views import PAGE_SIZE
 from tests.conftest import POSTGRES_URL
 from tests.unit.test_store import SAGA, answer, place_order, started
