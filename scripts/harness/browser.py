@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from playwright.sync_api import Browser, Playwright
 
-from scripts.harness.processes import READY_TIMEOUT_S, Process
+from scripts.harness.processes import READY_TIMEOUT_S, Process, free_port
 from scripts.harness.stack import Stack
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -110,10 +109,3 @@ def _healthy(url: str) -> bool:
             return bool(response.status == 200)
     except OSError:  # refused while it starts; urllib's HTTPError (503) is an OSError too
         return False
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 nobody listens on now (the console takes it a moment later)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

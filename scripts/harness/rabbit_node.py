@@ -36,6 +36,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from scripts.harness.processes import free_port
+
 RABBITMQ_BIN = Path(os.environ.get("SAGA_RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
 SERVER_USER = "rabbitmq"
 STATE_FILE = "node.json"
@@ -75,14 +77,6 @@ class Remembered:
     def forget(self, directory: Path) -> None:
         if self.last.exists() and self.last.read_text().strip() == str(directory):
             self.last.unlink()
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def amqp_answers(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:

@@ -9,7 +9,7 @@ import pytest
 
 from messages.plumbing import amqp
 from messages.plumbing.settings import BrokerSettings
-from scripts.harness.rabbit_node import free_port
+from scripts.harness.processes import free_port
 from tests.integration.stack import Stack
 from tests.integration.test_saga_flows import ORDER
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +17,7 @@ import httpx2
 import pytest
 
 from messages.contract import topology
+from scripts.harness.browser import start_console
 from tests.integration.stack import Stack, amqp_channel, send
 
 pytestmark = pytest.mark.broker
@@ -25,27 +25,12 @@ pytestmark = pytest.mark.broker
 OPERATOR = {"alice": "correct-horse"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def console(stack: Stack) -> Iterator[httpx2.Client]:
     stack.orchestrator()
     stack.worker("all", "--stock", "item-1=50")
-    port = free_port()
-    stack.start(
-        "web",
-        "orchestrator",
-        "web",
-        ready="Uvicorn running",
-        SAGA_WEB_PORT=str(port),
-        SAGA_WEB_OPERATORS='{"alice": "correct-horse"}',
-        SAGA_WEB_REFRESH_S="0.2",
-    )
-    with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+    web = start_console(stack, operators=OPERATOR, SAGA_WEB_REFRESH_S="0.2")
+    with httpx2.Client(base_url=web.url, timeout=10) as client:
         yield client
 
 

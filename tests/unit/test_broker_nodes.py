@@ -12,7 +12,7 @@ from messages.plumbing import amqp
 from messages.plumbing.client import Client
 from messages.plumbing.management import ManagementApi
 from messages.plumbing.settings import BrokerSettings, load, redact, split_amqp_urls
-from scripts.harness.rabbit_node import free_port
+from scripts.harness.processes import free_port
 
 A = "amqp://saga:pw-a@rabbit-1:5672/orders"
 B = "amqp://saga:pw-b@rabbit-2:5673/orders"
