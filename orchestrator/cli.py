@@ -33,9 +33,8 @@ from messages.plumbing import health, logs
 from messages.plumbing.service import run_service
 from messages.plumbing.settings import load
 from messages.plumbing.timeline import format_timeline, render_result
-from orchestrator.definition import as_text
 from orchestrator.provision import ProvisionSettings, provision
-from orchestrator.report import age, current_step, parse_duration, seconds_text, summary
+from orchestrator.report import age, current_step, describe, parse_duration, seconds_text, summary
 from orchestrator.runtime import Orchestrator, definition_from
 from orchestrator.settings import OrchestratorSettings, WebSettings
 from orchestrator.steer import send_action
@@ -273,9 +272,7 @@ def _show(store: SagaStore, args: argparse.Namespace, settings: OrchestratorSett
     print(
         f"saga {state.saga_id}: {state.status}" + (f" ({state.outcome})" if state.outcome else "")
     )
-    known = {d.name: d for d in [definition_from(settings)]}
-    describe = known[state.saga].describe if state.saga in known else as_text
-    print(f"{state.saga}: {describe(state.input)}")
+    print(f"{state.saga}: {describe(state, definition_from(settings))}")
     print(f"started {state.created_at:%Y-%m-%d %H:%M:%S.%f}"[:-3] + " UTC")
     stuck_for = state.stuck_for(datetime.now(UTC), stuck_after_s)
     if stuck_for is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 
+from orchestrator.definition import SagaDefinition, as_text
 from orchestrator.engine import SAGA, SagaState
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$", re.ASCII)
@@ -21,6 +22,14 @@ def parse_duration(text: str) -> timedelta:
     if seconds > LONGEST.total_seconds():  # before timedelta(), which would overflow
         raise ValueError(f"{text!r} is longer than 100 years")
     return timedelta(seconds=seconds)
+
+
+def describe(state: SagaState, *definitions: SagaDefinition) -> str:
+    """The saga's input in one line, as its definition words it (as_text if none here)."""
+    for definition in definitions:
+        if definition.name == state.saga:
+            return definition.describe(state.input)
+    return as_text(state.input)
 
 
 def current_step(state: SagaState) -> str:

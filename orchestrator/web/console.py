@@ -37,9 +37,8 @@ from messages.contract.models import (
 from messages.errors import SagaError, SagaNotFoundError
 from messages.plumbing.management import ManagementApi
 from messages.plumbing.timeline import format_offset
-from orchestrator.definition import as_text
 from orchestrator.engine import SagaState
-from orchestrator.report import age, current_step, seconds_text
+from orchestrator.report import age, current_step, describe, seconds_text
 from orchestrator.runtime import definition_from
 from orchestrator.settings import WebSettings
 from orchestrator.steer import send_action
@@ -83,7 +82,7 @@ class Console:
         self.operators = auth.Operators(settings.web_operators)
         self.stopping = asyncio.Event()  # set on SIGTERM/SIGINT: live streams end
         self.streams = 0  # live pages open now
-        self.definitions = {d.name: d for d in [definition_from(settings)]}
+        self.definition = definition_from(settings)
         # SQLite: one connection, so one reader at a time; PostgreSQL reads from a pool.
         self._reading: AbstractContextManager[Any] = (
             contextlib.nullcontext() if store.shared else threading.Lock()
@@ -126,8 +125,7 @@ class Console:
         return HTMLResponse(body, status)
 
     def describe(self, state: SagaState) -> str:
-        definition = self.definitions.get(state.saga)
-        return (definition.describe if definition else as_text)(state.input)
+        return describe(state, self.definition)
 
 
 def _offset(seconds: float) -> str:
