@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
 
@@ -233,7 +233,11 @@ class Throughput:
 
     minutes: list[str]  # "14:05", oldest first
     by_outcome: dict[str, list[int]]  # COMPLETED -> [per minute]
-    peak: int = field(default=0)
+
+    @property
+    def peak(self) -> int:
+        """The most sagas that ended in one minute, all outcomes together (the bars stack)."""
+        return max(map(sum, zip(*self.by_outcome.values(), strict=True)), default=0)
 
 
 def throughput(rows: Sequence[tuple[str, int, int]], now: datetime, minutes: int) -> Throughput:
@@ -245,8 +249,7 @@ def throughput(rows: Sequence[tuple[str, int, int]], now: datetime, minutes: int
     for status, minute, count in rows:
         if first <= minute <= last and status in series:
             series[status][minute - first] += count
-    peak = max((max(points) for points in series.values()), default=0)
-    return Throughput(labels, series, peak)
+    return Throughput(labels, series)
 
 
 def latencies(sagas: Sequence[SagaState]) -> list[Latency]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from orchestrator.engine import Decision, on_abort, on_deadline
-from orchestrator.web.views import Waterfall, latencies, waterfall
+from orchestrator.web.views import Waterfall, latencies, throughput, waterfall
 from tests.unit.test_store import SAGA, T0, TIMEOUT_S, answer, started
 
 
@@ -124,3 +124,11 @@ def test_latencies_count_only_replies_to_a_send_in_the_history() -> None:
     rows = {row.command: row for row in latencies([done.state])}
     assert "CompleteOrder" not in rows  # its reply answers a send the history left out
     assert rows["ChargePayment"].p50_ms == 10.0
+
+
+def test_the_throughput_chart_scales_to_the_busiest_minute_of_all_outcomes() -> None:
+    minute = int(T0.timestamp()) // 60
+    rows = [("COMPLETED", minute, 5), ("COMPENSATED", minute, 5), ("FAILED", minute - 1, 7)]
+    chart = throughput(rows, T0, minutes=3)
+    assert chart.by_outcome["COMPLETED"] == [0, 0, 5]
+    assert chart.peak == 10  # the bars stack: 5 completed on 5 compensated
